@@ -1,0 +1,54 @@
+"""Bit packing of small integer codes into bytes.
+
+Codes of ``bits <= 4`` are stored two per byte and codes of ``bits <= 2`` four per byte, in the
+layout of ONNX's INT4/UINT4 (and INT2/UINT2) tensors: element ``i`` of the flattened tensor sits
+in bits ``[k*(i % per_byte), k*(i % per_byte) + k)`` of byte ``i // per_byte`` (low bits first),
+as two's complement for signed codes. 3-bit codes use the 4-bit container.
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["container_bits", "pack", "unpack", "packed_numel"]
+
+
+def container_bits(bits: int) -> int:
+    """Bits per stored code: 2, 4 or 8 (16 for wider grids, which are not packed)."""
+    if bits <= 2:
+        return 2
+    if bits <= 4:
+        return 4
+    return 8 if bits <= 8 else 16
+
+
+def packed_numel(numel: int, bits: int) -> int:
+    """Number of bytes that hold ``numel`` packed codes."""
+    per_byte = 8 // container_bits(bits)
+    return -(-numel // per_byte)
+
+
+def pack(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack integer codes (any shape, values fitting ``bits``) into a flat uint8 tensor."""
+    k = container_bits(bits)
+    if k >= 8:
+        raise ValueError(f"pack is for codes of at most 4 bits, got bits={bits}")
+    per_byte = 8 // k
+    flat = q.reshape(-1).to(torch.int32) & ((1 << k) - 1)  # two's complement in k bits
+    pad = (-flat.numel()) % per_byte
+    if pad:
+        flat = torch.nn.functional.pad(flat, (0, pad))
+    flat = flat.reshape(-1, per_byte)
+    shifts = torch.arange(0, 8, k, device=q.device, dtype=torch.int32)
+    return (flat << shifts).sum(dim=1).to(torch.uint8)
+
+
+def unpack(packed: torch.Tensor, bits: int, numel: int, signed: bool, dtype: torch.dtype) -> torch.Tensor:
+    """Inverse of :func:`pack`: the first ``numel`` codes as a flat tensor of ``dtype``."""
+    k = container_bits(bits)
+    per_byte = 8 // k
+    shifts = torch.arange(0, 8, k, device=packed.device, dtype=torch.int32)
+    codes = (packed.to(torch.int32).unsqueeze(1) >> shifts) & ((1 << k) - 1)
+    codes = codes.reshape(-1)[:numel]
+    if signed:
+        codes = torch.where(codes >= (1 << (k - 1)), codes - (1 << k), codes)
+    return codes.to(dtype)
