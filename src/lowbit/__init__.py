@@ -1,8 +1,14 @@
 """lowbit: quantize PyTorch models onto small integer grids, understand the error, ship the result."""
-from . import ops
+from . import modules, observers, ops, transforms
 from .qtensor import QTensor
+from .quantize import QuantInfo, calibrate, freeze, quant_layers, quantize
 from .spec import PerChannel, PerGroup, PerTensor, PerToken, QuantSpec
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "QTensor", "QuantSpec", "PerTensor", "PerChannel", "PerGroup", "PerToken", "__version__"]
+__all__ = [
+    "ops", "observers", "modules", "transforms",
+    "QTensor", "QuantSpec", "PerTensor", "PerChannel", "PerGroup", "PerToken",
+    "quantize", "calibrate", "freeze", "quant_layers", "QuantInfo",
+    "__version__",
+]

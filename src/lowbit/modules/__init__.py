@@ -1,0 +1,11 @@
+"""Quantized modules: layers that fake-quantize their weights and inputs, and the quantizers."""
+from .conv import QuantConv1d, QuantConv2d
+from .layer import QuantLayer
+from .linear import QuantLinear
+from .quantizer import OBSERVERS, ActQuantizer, Quantizer, WeightQuantizer, make_observer
+
+# float module type -> quantized replacement (exact types: subclasses may change the forward)
+QUANT_TYPES = {cls.float_type: cls for cls in (QuantLinear, QuantConv1d, QuantConv2d)}
+
+__all__ = ["QuantLayer", "QuantLinear", "QuantConv1d", "QuantConv2d", "Quantizer", "WeightQuantizer",
+           "ActQuantizer", "make_observer", "OBSERVERS", "QUANT_TYPES"]

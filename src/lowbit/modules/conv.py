@@ -1,0 +1,57 @@
+"""``QuantConv1d`` / ``QuantConv2d``: convolution of the quantized input with the quantized kernel.
+
+The weight is quantized in its GEMM view ``[out, in/groups * k...]`` (see ``WeightQuantizer``).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..spec import QuantSpec
+from .layer import QuantLayer
+
+__all__ = ["QuantConv1d", "QuantConv2d"]
+
+
+class _QuantConvNd(QuantLayer):
+    _conv = staticmethod(F.conv2d)
+
+    def __init__(self, module: nn.Module, weight_quant, input_quant) -> None:
+        super().__init__(module.weight, module.bias, weight_quant, input_quant)
+        for name in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation",
+                     "groups", "padding_mode"):
+            setattr(self, name, getattr(module, name))
+        self._reversed_padding_repeated_twice = getattr(module, "_reversed_padding_repeated_twice", None)
+
+    def op(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            return self._conv(x, weight, bias, self.stride, 0, self.dilation, self.groups)
+        return self._conv(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+    @classmethod
+    def from_float(cls, module: nn.Module, weights: QuantSpec, activations: QuantSpec | None,
+                   observer: str = "minmax", weight_observer: str | None = None,
+                   observer_options: dict | None = None):
+        """Wrap ``module``'s parameters (shared, not copied) in a quantized layer."""
+        wq, aq = cls._quantizers(weights, activations, observer, weight_observer, observer_options)
+        return cls(module, wq, aq)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, groups={self.groups}" + (", frozen" if self.frozen else ""))
+
+
+class QuantConv1d(_QuantConvNd):
+    """Quantized :class:`torch.nn.Conv1d`."""
+
+    float_type = nn.Conv1d
+    _conv = staticmethod(F.conv1d)
+
+
+class QuantConv2d(_QuantConvNd):
+    """Quantized :class:`torch.nn.Conv2d`."""
+
+    float_type = nn.Conv2d
+    _conv = staticmethod(F.conv2d)

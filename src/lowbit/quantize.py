@@ -1,0 +1,214 @@
+"""The model verbs: ``quantize`` a copy, ``calibrate`` its activations, ``freeze`` it to integers.
+
+::
+
+    q = lb.quantize(model, weights=lb.QuantSpec(bits=4, granularity=lb.PerChannel(0)),
+                    activations=lb.QuantSpec(bits=8, symmetric=False), observer="mse")
+    with lb.calibrate(q):
+        for x in batches:
+            q(x)
+    lb.freeze(q)
+
+``quantize`` deep-copies the model, folds BatchNorm into the layer before it, and swaps every
+``nn.Linear``/``nn.Conv1d``/``nn.Conv2d`` (exact types) selected by ``include``/``exclude`` for its
+quantized counterpart, which fake-quantizes its weight and (if ``activations`` is given) its input.
+Layers it cannot quantize stay float and are listed in ``q.lowbit_info.skipped``.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import fnmatch
+import logging
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .modules import QUANT_TYPES, ActQuantizer, QuantLayer
+from .spec import PerChannel, QuantSpec
+from .transforms.fold_bn import fold_batchnorm
+
+__all__ = ["quantize", "calibrate", "freeze", "QuantInfo", "quant_layers", "DEFAULT_WEIGHTS"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_WEIGHTS = QuantSpec(bits=8, granularity=PerChannel(0))
+
+
+@dataclass
+class QuantInfo:
+    """What ``lb.quantize`` did to a model (``q.lowbit_info``)."""
+
+    weights: QuantSpec
+    activations: QuantSpec | None
+    observer: str
+    quantized: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)   # module name -> why it stayed float
+    folded: list[tuple[str, str]] = field(default_factory=list)
+    uncalibrated: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {"weights": str(self.weights), "activations": None if self.activations is None else str(self.activations),
+                "observer": self.observer, "quantized": list(self.quantized), "skipped": dict(self.skipped),
+                "folded": [list(p) for p in self.folded], "uncalibrated": list(self.uncalibrated)}
+
+
+def quant_layers(model: nn.Module) -> list[tuple[str, QuantLayer]]:
+    """The quantized layers of ``model`` with their names, in module order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLayer)]
+
+
+def _matches(name: str, patterns: Sequence[str] | None) -> bool:
+    return patterns is not None and any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _check_patterns(arg: str, patterns, names: list[str]) -> list[str] | None:
+    if patterns is None:
+        return None
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    patterns = list(patterns)
+    for p in patterns:
+        if not isinstance(p, str):
+            raise TypeError(f"{arg} must be glob patterns (strings), got {p!r}")
+        if not any(fnmatch.fnmatchcase(n, p) for n in names):
+            sample = ", ".join(names[:8]) + (" ..." if len(names) > 8 else "")
+            raise ValueError(f"{arg} pattern {p!r} matches no module; module names look like: {sample}")
+    return patterns
+
+
+def _why_not(module: nn.Module, parent: nn.Module | None) -> str | None:
+    if isinstance(parent, nn.MultiheadAttention):
+        return "inside nn.MultiheadAttention, which reads the weights directly"
+    if type(module) in QUANT_TYPES:
+        return None
+    return f"{type(module).__name__} is not supported (lowbit quantizes {', '.join(t.__name__ for t in QUANT_TYPES)})"
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def quantize(model: nn.Module, weights: QuantSpec = DEFAULT_WEIGHTS, activations: QuantSpec | None = None,
+             observer: str = "minmax", include: Sequence[str] | str | None = None,
+             exclude: Sequence[str] | str | None = None, *, weight_observer: str | None = None,
+             observer_options: dict | None = None, fold_bn: bool = True) -> nn.Module:
+    """A quantized copy of ``model`` (the float model is untouched).
+
+    Args:
+        weights: grid of the weights (default int8 per output channel).
+        activations: grid of each quantized layer's input, or None for weight-only quantization.
+            Static activations need ``lb.calibrate``; ``dynamic=True`` ones do not.
+        observer: range estimator for activations and weights (``"minmax"``, ``"mse"``,
+            ``"entropy"``, ``"percentile"``, ...); ``weight_observer`` overrides it for weights.
+        include / exclude: glob patterns over module names (``"features.*"``, ``"classifier"``).
+        fold_bn: fold BatchNorm into the preceding layer first.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(weights, QuantSpec):
+        raise TypeError(f"weights must be a lowbit.QuantSpec, got {type(weights).__name__}")
+    if activations is not None and not isinstance(activations, QuantSpec):
+        raise TypeError(f"activations must be a lowbit.QuantSpec or None, got {type(activations).__name__}")
+    if any(isinstance(m, QuantLayer) for m in model.modules()):
+        raise ValueError("model is already quantized; pass the float model to lb.quantize")
+    names = [n for n, _ in model.named_modules() if n]
+    include = _check_patterns("include", include, names)
+    exclude = _check_patterns("exclude", exclude, names)
+
+    q = copy.deepcopy(model)
+    info = QuantInfo(weights=weights, activations=activations, observer=observer)
+    if fold_bn:
+        info.folded = fold_batchnorm(q)
+
+    parents = {n: m for n, m in q.named_modules()}
+    for name, module in list(q.named_modules()):
+        if not name or not any(True for _ in module.parameters(recurse=False)):
+            continue  # containers and parameter-free modules (ReLU, pooling, ...) need nothing
+        if include is not None and not _matches(name, include):
+            continue
+        if _matches(name, exclude):
+            continue
+        parent = parents.get(name.rpartition(".")[0]) if "." in name else q
+        why = _why_not(module, parent)
+        if why is not None:
+            info.skipped[name] = why
+            continue
+        new = QUANT_TYPES[type(module)].from_float(module, weights, activations, observer,
+                                                   weight_observer, observer_options)
+        _set_module(q, name, new)
+        info.quantized.append(name)
+    if not info.quantized:
+        raise ValueError("no layer was quantized: the model has no nn.Linear/nn.Conv1d/nn.Conv2d selected by "
+                         f"include/exclude (skipped: {info.skipped or 'none'})")
+    for name, why in info.skipped.items():
+        log.info("lowbit: %s stays float: %s", name, why)
+    q.lowbit_info = info
+    return q
+
+
+def _act_quantizers(model: nn.Module) -> list[tuple[str, ActQuantizer]]:
+    return [(n, m) for n, m in model.named_modules()
+            if isinstance(m, ActQuantizer) and m.enabled and not m.spec.dynamic]
+
+
+@contextlib.contextmanager
+def calibrate(model: nn.Module) -> Iterator[nn.Module]:
+    """Collect activation statistics while the model runs inside the block; fix the ranges on exit.
+
+    Runs in eval mode and without gradients. Raises ``ValueError`` on exit if no batch went
+    through the model. Layers that saw no data (an unused branch) stay float and are listed
+    in ``lowbit_info.uncalibrated``.
+    """
+    quantizers = _act_quantizers(model)
+    if not any(isinstance(m, QuantLayer) for m in model.modules()):
+        raise ValueError("model has no quantized layer; call lb.quantize(model, ...) first")
+    was_training = model.training
+    model.eval()
+    for _, aq in quantizers:
+        aq.start_observing()
+    ok = False
+    try:
+        with torch.no_grad():
+            yield model
+        ok = True
+    finally:
+        model.train(was_training)
+        if not ok:
+            for _, aq in quantizers:
+                aq.observing = False
+    missing = [name for name, aq in quantizers if not aq.finish_observing()]
+    if quantizers and len(missing) == len(quantizers):
+        raise ValueError("calibration saw no batch: run the model on calibration inputs inside "
+                         "`with lb.calibrate(q): q(x)`")
+    info = getattr(model, "lowbit_info", None)
+    if info is not None:
+        info.uncalibrated = missing
+    if missing:
+        log.warning("lowbit: %d activation quantizers saw no data and stay float: %s", len(missing), missing)
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Store every quantized weight as integer codes (in place); returns ``model``.
+
+    Activation ranges must be calibrated first. The frozen model computes the same outputs as
+    before (it uses the same grid), holds no float master weights, and can be saved with ``lb.save``.
+    """
+    layers = quant_layers(model)
+    if not layers:
+        raise ValueError("model has no quantized layer; call lb.quantize(model, ...) first")
+    info = getattr(model, "lowbit_info", None)
+    skip = set(info.uncalibrated) if info is not None else set()
+    for name, layer in layers:
+        if layer.input_quant is not None and not layer.input_quant.calibrated and f"{name}.input_quant" not in skip:
+            raise ValueError(f"layer {name!r}: input quantizer is not calibrated; run `with lb.calibrate(q): ...` "
+                             "on some batches before lb.freeze")
+    for name, layer in layers:
+        if layer.input_quant is not None and not layer.input_quant.calibrated:
+            layer.input_quant.enabled = False
+        layer.freeze()
+    return model

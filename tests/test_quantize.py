@@ -1,0 +1,102 @@
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import lowbit as lb
+from lowbit.modules import QuantConv2d, QuantLinear
+
+A8 = lb.QuantSpec(bits=8, symmetric=False)
+
+
+def _model():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                      nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 3))
+    m[1].running_var.uniform_(0.5, 2)
+    return m.eval()
+
+
+def test_returns_a_copy_and_leaves_the_float_model_untouched():
+    m = _model()
+    before = copy.deepcopy(m.state_dict())
+    q = lb.quantize(m, activations=A8)
+    assert isinstance(q[0], QuantConv2d) and isinstance(q[4], QuantLinear)
+    assert isinstance(m[0], nn.Conv2d) and isinstance(m[1], nn.BatchNorm2d)
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    assert q.lowbit_info.quantized == ["0", "4", "6"] and q.lowbit_info.folded == [("0", "1")]
+
+
+def test_calibrated_ranges_are_the_observed_input_ranges():
+    m = _model()
+    q = lb.quantize(m, activations=A8)
+    seen = []
+    # calibration passes activations through unchanged (weights are already fake-quantized)
+    hook = q[4].register_forward_hook(lambda mod, inp, out: seen.append(inp[0]))
+    batches = [torch.randn(8, 1, 4, 4) for _ in range(3)]
+    with lb.calibrate(q):
+        for x in batches:
+            q(x)
+    hook.remove()
+    inp = torch.cat(seen)
+    lo, hi = min(inp.min().item(), 0.0), max(inp.max().item(), 0.0)
+    assert q[4].input_quant.scale.item() == pytest.approx((hi - lo) / 255, rel=1e-6)
+    assert q[4].input_quant.zero_point.item() == round(-128 - lo / ((hi - lo) / 255))
+
+
+def test_w8a8_predicts_like_the_float_model():
+    m = _model()
+    q = lb.quantize(m, activations=A8)
+    x = torch.randn(64, 1, 4, 4)
+    with lb.calibrate(q):
+        q(x)
+    lb.freeze(q)
+    assert (q(x).argmax(1) == m(x).argmax(1)).float().mean() > 0.95
+
+
+def test_include_exclude():
+    m = _model()
+    q = lb.quantize(m, exclude=["6"])
+    assert isinstance(q[6], nn.Linear) and isinstance(q[4], QuantLinear)
+    q = lb.quantize(m, include="4")
+    assert q.lowbit_info.quantized == ["4"]
+    with pytest.raises(ValueError, match="matches no module"):
+        lb.quantize(m, exclude=["classifier"])
+
+
+def test_unsupported_layers_stay_float_and_are_listed():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 8)
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.norm = nn.LayerNorm(8)
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, t):
+            h = self.emb(t)
+            h = self.norm(self.attn(h, h, h)[0])
+            return self.head(h)
+
+    m = M().eval()
+    q = lb.quantize(m)
+    assert q.lowbit_info.quantized == ["head"]
+    assert set(q.lowbit_info.skipped) == {"emb", "attn.out_proj", "attn", "norm"}
+    t = torch.randint(0, 10, (2, 5))
+    assert torch.allclose(q(t), m(t), atol=0.05)
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="no layer"):
+        lb.quantize(nn.Sequential(nn.ReLU()))
+    with pytest.raises(TypeError, match="weights"):
+        lb.quantize(_model(), weights=8)
+    q = lb.quantize(_model(), activations=A8)
+    with pytest.raises(ValueError, match="saw no batch"):
+        with lb.calibrate(q):
+            pass
+    with pytest.raises(ValueError, match="calibrate"):
+        lb.freeze(q)
+    with pytest.raises(ValueError, match="already quantized"):
+        lb.quantize(q)
