@@ -1,5 +1,6 @@
 """lowbit: quantize PyTorch models onto small integer grids, understand the error, ship the result."""
-from . import modules, observers, ops, transforms
+from . import analysis, modules, observers, ops, transforms
+from .analysis import analyze
 from .qtensor import QTensor
 from .quantize import QuantInfo, calibrate, freeze, quant_layers, quantize
 from .spec import PerChannel, PerGroup, PerTensor, PerToken, QuantSpec
@@ -7,7 +8,7 @@ from .spec import PerChannel, PerGroup, PerTensor, PerToken, QuantSpec
 __version__ = "0.1.0"
 
 __all__ = [
-    "ops", "observers", "modules", "transforms",
+    "ops", "observers", "modules", "transforms", "analysis", "analyze",
     "QTensor", "QuantSpec", "PerTensor", "PerChannel", "PerGroup", "PerToken",
     "quantize", "calibrate", "freeze", "quant_layers", "QuantInfo",
     "__version__",
