@@ -69,13 +69,13 @@ def penalty_scale(prior: str, lam: float) -> float:
 def _log_bin_mass(t: torch.Tensor, h: torch.Tensor, prior: str, scale: float) -> torch.Tensor:
     """``log P(|w| - h < W < |w| + h)``-style bin mass for ``t = |w|`` (natural log, float64)."""
     if prior == "laplace":
-        inner = t < h   # the bin contains 0
-        far = -(t - h) / scale + math.log(0.5) + torch.log1p(-torch.exp(-2 * h / scale))
-        near = torch.log1p(-0.5 * torch.exp(-(h - t) / scale) - 0.5 * torch.exp(-(h + t) / scale))
+        inner = t < h   # the bin contains 0: 1 - P(W < -(h - t)) - P(W > h + t)
+        far = -(t - h) / scale + math.log(0.5) + torch.log(-torch.expm1(-2 * h / scale))
+        near = torch.log(-0.5 * torch.expm1(-(h - t).clamp_min(0) / scale) - 0.5 * torch.expm1(-(h + t) / scale))
         return torch.where(inner, near, far)
     lo = torch.special.log_ndtr(-(t - h) / scale)     # log P(W > t - h)
     hi = torch.special.log_ndtr(-(t + h) / scale)     # log P(W > t + h)
-    return lo + torch.log1p(-torch.exp(hi - lo).clamp_max(1 - 1e-16))
+    return lo + torch.log(-torch.expm1((hi - lo).clamp_max(-1e-300)))
 
 
 def prior_code_length(w: torch.Tensor, step: torch.Tensor | float, prior: str = "gaussian",
