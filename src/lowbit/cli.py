@@ -47,12 +47,71 @@ def _fmt(v: object) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
+# -- lowbit analyze ---------------------------------------------------------------------------
+# recipe name -> (weights, activations, observer); a local table until a shared recipes module exists
+ANALYZE_RECIPES = {
+    "w8a8": (QuantSpec(bits=8, granularity=PerChannel(0)), QuantSpec(bits=8, symmetric=False), "minmax"),
+    "w4a8": (QuantSpec(bits=4, granularity=PerChannel(0)), QuantSpec(bits=8, symmetric=False), "minmax"),
+    "w4g128": (QuantSpec(bits=4, granularity=PerGroup(128, -1)), None, "minmax"),
+    "w2a8": (QuantSpec(bits=2, granularity=PerChannel(0)), QuantSpec(bits=8, symmetric=False), "minmax"),
+}
+
+
+def _analyze(args: argparse.Namespace) -> dict:
+    from pathlib import Path
+
+    from . import zoo
+    from .analysis import analyze
+    from .quantize import calibrate, quantize
+
+    weights, acts, observer = ANALYZE_RECIPES[args.recipe]
+    if args.samples < 1:
+        raise ValueError(f"--samples must be >= 1, got {args.samples}")
+    log.info("lowbit analyze: loading %s", args.model)
+    if args.model == "minilm":
+        model, sentences = zoo.get("minilm")
+        calib = [(b,) for b in zoo.tokenized_batches(model, sentences[:128], batch_size=32)]
+        batches = [(b,) for b in zoo.tokenized_batches(model, sentences[128:128 + args.samples], batch_size=32)]
+        labels, metric = None, "cosine"
+    else:
+        model, data = zoo.get(args.model)
+        calib = zoo.calibration_batches(data)
+        batches = list(data.x_test[: args.samples].split(256))
+        labels, metric = data.y_test[: args.samples], "kl"
+    log.info("lowbit analyze: quantizing with %s", args.recipe)
+    q = quantize(model, weights=weights, activations=acts, observer=observer)
+    if acts is not None:
+        with calibrate(q):
+            for b in calib:
+                q(*b) if isinstance(b, tuple) else q(b)
+    log.info("lowbit analyze: analysing %d layers on %d samples", len(q.lowbit_info.quantized),
+             sum(len(b[0]["input_ids"]) if isinstance(b, tuple) else len(b) for b in batches))
+    report = analyze(model, q, batches, labels=labels, metric=metric, budget=args.budget)
+    out = Path(args.out)
+    report.to_json(out / "report.json")
+    report.to_html(out / "report.html")
+    log.info("lowbit analyze: wrote %s and %s", out / "report.json", out / "report.html")
+    summary = {k: v for k, v in report.model.items() if k != "quantization"}
+    return {"model": args.model, "recipe": args.recipe, "out": str(out), "summary": summary,
+            "mixed": None if report.mixed is None else {k: v for k, v in report.mixed.items() if k != "candidates"},
+            "notes": report.notes, "results": report.table()}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lowbit", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="show quantization at work")
     demo.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     demo.set_defaults(run=_grid_demo)
+    an = sub.add_parser("analyze", help="where the quantization error comes from: report.json and report.html")
+    an.add_argument("--model", choices=("digits", "mnist1d", "minilm"), default="digits", help="built-in model")
+    an.add_argument("--recipe", choices=sorted(ANALYZE_RECIPES), default="w8a8", help="quantization recipe")
+    an.add_argument("--out", required=True, help="directory for report.json and report.html")
+    an.add_argument("--samples", type=int, default=1000, help="test inputs (sentences for minilm) to analyse")
+    an.add_argument("--budget", type=float, default=None,
+                    help="average bits per weight for a mixed-precision suggestion (e.g. 4)")
+    an.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+    an.set_defaults(run=_analyze)
     return p
 
 

@@ -22,8 +22,8 @@ def run_batch(model: nn.Module, batch: Any) -> Any:
     """``model(batch)``, ``model(*batch)`` or ``model(**batch)`` by the batch's type."""
     if isinstance(batch, torch.Tensor):
         return model(batch)
-    if isinstance(batch, (tuple, list)):
-        return model(*batch)
+    if isinstance(batch, (tuple, list)):  # dicts inside are copied: some models add keys to them
+        return model(*[dict(v) if isinstance(v, dict) else v for v in batch])
     if isinstance(batch, dict):
         return model(**batch)
     raise TypeError(f"a batch must be a tensor, a tuple of positional args or a dict of keyword args; "
@@ -54,10 +54,10 @@ def output_tensor(out: Any) -> torch.Tensor:
 
 
 def as_batch_list(batches: Any, arg: str = "batches") -> list:
-    """``batches`` as a list of batches; a single tensor counts as one batch."""
-    if isinstance(batches, (torch.Tensor, dict)):
-        return [batches]
-    if isinstance(batches, (str, bytes)) or not isinstance(batches, Iterable):
+    """``batches`` as a list of batches (a single tensor is refused: pass ``[x]`` for one batch)."""
+    if isinstance(batches, torch.Tensor):
+        raise TypeError(f"{arg} must be an iterable of batches; for a single batch pass [x] (a list holding the tensor)")
+    if isinstance(batches, (str, bytes, dict)) or not isinstance(batches, Iterable):
         raise TypeError(f"{arg} must be an iterable of model inputs (tensors, tuples or dicts); "
                         f"got {type(batches).__name__}")
     out = list(batches)

@@ -1,30 +1,38 @@
 """Propagation rules of the certified error bound, one per kind of graph node.
 
-Each value of the network is carried as a pair ``(a, E)``: ``a`` the activation of the float
-network (BatchNorm folded, computed in float64) and ``E >= 0`` an elementwise bound on how far the
-quantized network's value ``a^`` (computed by ``q`` in float32) can be from it: ``|a^ - a| <= E``.
-The rules (``u`` the unit roundoff of ``q``'s arithmetic, ``n`` a layer's fan-in)::
+**Forward (interval) pass.** Each value of the network is carried as ``(a, [lo, hi])``: ``a``
+the activation of the float network (BatchNorm folded, computed in float64) and an elementwise
+interval for the error ``d = a^ - a`` of the quantized network's value ``a^`` (computed by ``q``
+in float32): ``lo <= d <= hi`` (``E = max(|lo|, |hi|)``). With ``u`` the unit roundoff of ``q``'s
+arithmetic and ``n`` a layer's fan-in::
 
-    input quantizer Q (monotone)   Q(a^) in [Q(lo), Q(hi)],  lo/hi = a -/+ E rounded outwards to float32
-                                   E_in = max(|Q(hi) - a|, |Q(lo) - a|)     (rounding AND clipping, exact)
-    Linear / Conv  (W_q = W + dW)  W_q Q(a^) - W a = W_q (Q(a^) - a) + dW a
-                                   E' = |W_q| E_in + |dW a| + g_n (|W_q| (|a| + E_in) + |b|)
-    monotone f (ReLU, ReLU6,       E' = max(|f(a + E) - f(a)|, |f(a - E) - f(a)|)  (+ roundoff of f)
-      Hardtanh, LeakyReLU, Sigmoid, Tanh, clamp)
-    max pooling                    E' = maxpool(E)        (|max a^ - max a| <= max |a^ - a|)
-    average pooling / BatchNorm    the same linear map on E with |coefficients| (+ roundoff)
-    residual add / sub             E' = E_1 + E_2 (+ u |sum|);   product  |a_1| E_2 + |a_2| E_1 + E_1 E_2
-    reshape / flatten / cat / Identity / Dropout (eval)          E' = the same view of E
+    input quantizer Q (monotone)   Q(a^) in [Q(a + lo), Q(a + hi)]  (ends rounded outwards to float32):
+                                   rounding AND clipping, exactly
+    Linear / Conv  (W_q = W + dW)  W_q Q(a^) - W a = W_q (Q(a^) - a) + dW a;  with d_q in [c - r, c + r]
+                                   d' in W_q c + dW a -/+ (|W_q| r + g_n (|W_q| (|a| + E_q) + |dW| |a| + |b|))
+    monotone f (ReLU, ReLU6, ...)  d' in [f(a + lo) - f(a), f(a + hi) - f(a)]   (+ roundoff of f)
+    max pooling                    d' in [max(a + lo) - max a, max(a + hi) - max a]
+    average pooling / BatchNorm    the same linear map on the interval (+ roundoff)
+    residual add / sub             interval sums (+ u |sum|);   products  |a_1| E_2 + |a_2| E_1 + E_1 E_2
+    reshape / flatten / cat / Identity / Dropout (eval)          the same view of the interval
 
-The activation errors are adversarial (any value within their bound, with any signs), which is
-what makes the certificate hold however the errors of the layers combine; the weight term is exact
-(``dW`` and ``a`` are known, so ``dW a`` is computed, signed, before taking its magnitude).
-With ``g_n = 4 (n + 1) u / (1 - (n + 1) u)`` (Higham, "Accuracy and Stability of Numerical
+with ``g_n = 4 (n + 1) u / (1 - (n + 1) u)`` (Higham, "Accuracy and Stability of Numerical
 Algorithms", 2002, Sec. 3.1, the dot-product error bound, with a factor 4 of margin for blocked
-and transformed convolution algorithms). This is interval arithmetic on the error, as in the
-abstract-interpretation verifiers of neural networks (Gehr et al., "AI2", IEEE S&P 2018), applied
-to the quantized-vs-float difference; the seed is the per-neuron bound
-``|dz| <= sum_i |w_i| |e_i|`` plus the weight-error and activation-rounding terms.
+and transformed convolution algorithms). The activation errors are adversarial (any value within
+their bound); the weight term is exact (``dW`` and ``a`` are known, so ``dW a`` is computed signed).
+This is the seed's per-neuron bound ``|dz| <= sum_i |w_i| |e_i|`` plus the weight-error and
+activation-rounding terms, i.e. interval arithmetic on the error (Gehr et al., "AI2", S&P 2018).
+
+**Backward (linear-relaxation) pass.** Every rule also returns how its output error depends on
+its input errors (:mod:`.bound_back`), as a linear map plus bounded terms: ``d_out = L(d_in) + c + eta`` with
+``|eta| <= slack`` for linear layers, pooling, BatchNorm and reshapes; for ReLU linear upper and
+lower bounds ``s_lo d + c_lo <= g(d) <= s_up d + c_up`` of ``g(d) = relu(a + d) - relu(a)`` on
+``[lo, hi]`` (the triangle relaxation); for a quantizer ``Q(a^) - a = d_in + rho`` with ``rho`` the
+rounding/clipping error bounded from the interval (or the exact constant ``Q - a`` where the
+interval cannot change the code). Composing these from the logits back to the input (CROWN,
+Zhang et al., NeurIPS 2018) bounds each logit change with the layers' maps multiplied *before*
+absolute values are taken, so errors that cancel along the network are not counted twice. A node
+without such a map is *concretized* (``|Lambda| E``), which is always sound.
 """
 from __future__ import annotations
 
@@ -35,11 +43,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..modules import ActQuantizer, QuantLayer
 from .. import ops
+from ..modules import ActQuantizer, QuantLayer
+from ..ops.params import broadcast_param
+from .bound_back import Chain, Cut, Elementwise, Lin, MaxPoolBack
 
-__all__ = ["Unsupported", "V", "unit_roundoff", "module_rule", "function_rule", "method_rule", "layer_rule",
-           "act_quant"]
+__all__ = ["Unsupported", "V", "unit_roundoff", "module_rule", "function_rule", "method_rule", "arith", "ROUNDING"]
 
 U64 = 2.0 ** -53
 
@@ -49,19 +58,30 @@ class Unsupported(Exception):
 
 
 class V:
-    """A propagated value: ``a`` (float64 tensor or a Python value) and its error bound ``e`` (or None)."""
+    """A propagated value: ``a`` (float64 tensor or a Python value) and its error interval ``[lo, hi]``."""
 
-    __slots__ = ("a", "e")
+    __slots__ = ("a", "lo", "hi")
 
-    def __init__(self, a: Any, e: torch.Tensor | None = None) -> None:
-        self.a, self.e = a, e
+    def __init__(self, a: Any, lo: torch.Tensor | None = None, hi: torch.Tensor | None = None) -> None:
+        self.a, self.lo, self.hi = a, lo, hi
 
     @property
     def is_tensor(self) -> bool:
         return isinstance(self.a, torch.Tensor)
 
+    @property
+    def exact(self) -> bool:
+        return self.lo is None
+
+    def l(self) -> torch.Tensor:
+        return self.lo if self.lo is not None else torch.zeros_like(self.a)
+
+    def h(self) -> torch.Tensor:
+        return self.hi if self.hi is not None else torch.zeros_like(self.a)
+
     def err(self) -> torch.Tensor:
-        return self.e if self.e is not None else torch.zeros_like(self.a)
+        """``E = max(|lo|, |hi|)``."""
+        return torch.maximum(self.l().abs(), self.h().abs())
 
 
 def unit_roundoff(dtype: torch.dtype, device: torch.device, kind: str = "elementwise") -> float:
@@ -85,96 +105,157 @@ def _gamma(n: int, u: float) -> float:
     return 4.0 * k / (1.0 - k)
 
 
-def _finish(a: torch.Tensor, e: torch.Tensor, u: float = 0.0) -> V:
-    """Add ``u`` relative roundoff of ``q`` plus float64 slack of our own computation."""
-    return V(a, e + (u + 8 * U64) * (a.abs() + e))
+def _finish(a: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, u: float = 0.0) -> tuple[V, torch.Tensor]:
+    """``V`` with ``u`` relative roundoff of ``q`` plus float64 slack added on both sides; returns (V, slack)."""
+    slack = (u + 8 * U64) * (a.abs() + torch.maximum(lo.abs(), hi.abs()))
+    return V(a, lo - slack, hi + slack), slack
 
 
-# -- elementwise and structural rules -----------------------------------------------------------
-def structural(fn: Callable, x: V) -> V:
-    return V(fn(x.a), fn(x.err()))
+def _zero(v: V) -> torch.Tensor:
+    return torch.zeros_like(v.a)
 
 
-def monotone(fn: Callable, x: V, u: float, exact: bool) -> V:
+# -- elementwise and structural rules -------------------------------------------------------------
+def structural(fn: Callable, x: V):
+    return V(fn(x.a), fn(x.l()), fn(x.h())), Lin(fn, [_zero(x)])
+
+
+def identity(x: V):
+    return x, Lin(lambda d: d, [_zero(x)])
+
+
+def monotone(fn: Callable, x: V, u: float, exact: bool, relu: bool = False):
+    """A non-decreasing elementwise ``f``: ``d' in [f(a + lo) - f(a), f(a + hi) - f(a)]``."""
     a = fn(x.a)
-    e = x.err()
-    d = torch.maximum((fn(x.a + e) - a).abs(), (fn(x.a - e) - a).abs())
-    return _finish(a, d, 0.0 if exact else 4 * u)
+    lo, hi = x.l(), x.h()
+    glo, ghi = fn(x.a + lo) - a, fn(x.a + hi) - a
+    v, slack = _finish(a, glo, ghi, 0.0 if exact else 4 * u)
+    # where f is a unit-slope shift on [a + lo, a + hi] (ReLU's or Hardtanh's linear piece),
+    # d' = d + (f(a + lo) - a - lo) exactly; elsewhere the constant range [g(lo), g(hi)]
+    # (the interval need not contain d = 0: the weight error can shift it)
+    width = hi - lo
+    ident = (width > 0) & ((ghi - glo - width).abs() <= 1e-12 * (width + x.a.abs()))
+    one, zero = torch.ones_like(a), torch.zeros_like(a)
+    s_lo = s_up = torch.where(ident, one, zero)
+    shift_lo, shift_hi = torch.minimum(glo - lo, ghi - hi), torch.maximum(glo - lo, ghi - hi)
+    c_lo = torch.where(ident, shift_lo - 1e-12 * (width + x.a.abs()), glo)
+    c_up = torch.where(ident, shift_hi + 1e-12 * (width + x.a.abs()), ghi)
+    if relu:   # the triangle relaxation on unstable neurons: the chord above, slope 0 or 1 below
+        l, h = x.a + lo, x.a + hi
+        unstable = (l < 0) & (h > 0)
+        chord = torch.where(unstable, h / torch.where(unstable, h - l, one), zero)
+        s_up = torch.where(unstable, chord, s_up)
+        c_up = torch.where(unstable, chord * (-lo) - a, c_up)
+        alpha = (h > -l).to(a.dtype)
+        s_lo = torch.where(unstable, alpha, s_lo)
+        c_lo = torch.where(unstable, alpha * x.a - a, c_lo)
+    return v, Elementwise(s_lo, c_lo, s_up, c_up, slack)
 
 
-def maxpool(fn: Callable, x: V) -> V:
-    return _finish(fn(x.a), fn(x.err()))
+def maxpool(fn: Callable, x: V, windows: Callable | None = None):
+    a = fn(x.a)
+    lo_in, hi_in = x.a + x.l(), x.a + x.h()
+    v, slack = _finish(a, fn(lo_in) - a, fn(hi_in) - a)
+    stable = torch.zeros_like(a, dtype=torch.bool)
+    if windows is not None:   # j* keeps the maximum iff a_j* + lo_j* >= a_j + hi_j for every other j
+        wa, wl, wh = windows(x.a), windows(lo_in), windows(hi_in)
+        j = wa.argmax(-1, keepdim=True)
+        low = wl.gather(-1, j).squeeze(-1)
+        ninf = torch.full(j.shape, -torch.inf, dtype=wh.dtype, device=wh.device)
+        rest = wh.scatter(-1, j, ninf)
+        unique = wa.gather(-1, j).squeeze(-1) > wa.scatter(-1, j, ninf).amax(-1)   # autograd's argmax is j*
+        stable = ((low >= rest.amax(-1)) & unique).reshape(a.shape)
+    back = MaxPoolBack(fn, x.a, stable, fn(hi_in) - a)
+    return v, Chain(Lin(lambda d: d, [torch.zeros_like(a)], slack=slack), back)
 
 
-def avgpool(fn: Callable, x: V, u: float) -> V:
+def _pool_windows(m: nn.Module, dims: int) -> Callable | None:
+    """``t -> [..., windows, k]`` for a MaxPool1d/2d without dilation or ceil mode, or None."""
+    def tup(v):
+        return (v,) * dims if isinstance(v, int) else tuple(v)
+    k, p, d = tup(m.kernel_size), tup(m.padding), tup(m.dilation)
+    s = tup(m.stride) if m.stride is not None else k
+    if any(x != 1 for x in d) or m.ceil_mode:
+        return None
+
+    def windows(t: torch.Tensor) -> torch.Tensor:
+        if any(p):
+            t = F.pad(t, [q for pp in reversed(p) for q in (pp, pp)], value=-torch.inf)
+        for i in range(dims):
+            t = t.unfold(2 + i, k[i], s[i])
+        return t.reshape(*t.shape[: 2 + dims], -1)
+    return windows
+
+
+def avgpool(fn: Callable, x: V, u: float):
     k = max(1, int(torch.Size(x.a.shape[2:]).numel()))
-    e = fn(x.err())
-    return _finish(fn(x.a), e + 2 * (k + 1) * u * fn(x.a.abs() + x.err()))
+    a = fn(x.a)
+    extra = 2 * (k + 1) * u * fn(x.a.abs() + x.err())
+    v, slack = _finish(a, fn(x.l()) - extra, fn(x.h()) + extra)
+    return v, Lin(fn, [_zero(x)], slack=slack + extra)
 
 
-def batchnorm(m: nn.Module, x: V, u: float) -> V:
+def batchnorm(m: nn.Module, x: V, u: float):
     if m.training or m.running_mean is None:
         raise Unsupported("BatchNorm in training mode or without running statistics; call model.eval()")
     mean, var = m.running_mean.double(), m.running_var.double()
     w = m.weight.double() if m.weight is not None else torch.ones_like(mean)
     b = m.bias.double() if m.bias is not None else torch.zeros_like(mean)
-    scale = w / torch.sqrt(var + m.eps)
     view = [1, -1] + [1] * (x.a.dim() - 2)
-    s, sh, mu = scale.reshape(view), b.reshape(view), mean.reshape(view)
+    s = (w / torch.sqrt(var + m.eps)).reshape(view)
+    sh, mu = b.reshape(view), mean.reshape(view)
     a = (x.a - mu) * s + sh
-    e = x.err() * s.abs()
-    mag = (x.a.abs() + x.err() + mu.abs()) * s.abs() + sh.abs()
-    return _finish(a, e + 8 * u * mag)
+    extra = 8 * u * ((x.a.abs() + x.err() + mu.abs()) * s.abs() + sh.abs())
+    p, q = x.l() * s, x.h() * s
+    v, slack = _finish(a, torch.minimum(p, q) - extra, torch.maximum(p, q) + extra)
+    return v, Lin(lambda d: d * s, [_zero(x)], slack=slack + extra)
 
 
-def arith(op: Callable, x: V, y: V, u: float) -> V:
-    if op in (operator.add, operator.sub, torch.add, torch.sub, operator.iadd, operator.isub):
+_ADD = (operator.add, torch.add, operator.iadd)
+_SUB = (operator.sub, torch.sub, operator.isub)
+_MUL = (operator.mul, torch.mul, operator.imul)
+_DIV = (operator.truediv, torch.div, operator.itruediv)
+
+
+def _scaled(x: V, c: Any, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    p, q = x.l() * c + torch.zeros_like(a), x.h() * c + torch.zeros_like(a)
+    return torch.minimum(p, q), torch.maximum(p, q)
+
+
+def arith(op: Callable, x: V, y: V, u: float, x_in: bool, y_in: bool):
+    """``op(x, y)``; ``x_in``/``y_in``: whether that operand is a graph tensor (has an error to pass back)."""
+    if op in _ADD or op in _SUB:
         a = op(x.a, y.a)
-        e = _broad(x, a) + _broad(y, a)
-        return _finish(a, e, u)
-    if op in (operator.mul, torch.mul, operator.imul):
+        sign = -1.0 if op in _SUB else 1.0
+        ylo, yhi = (y.l(), y.h()) if sign > 0 else (-y.h(), -y.l())
+        v, slack = _finish(a, x.l() + ylo + torch.zeros_like(a), x.h() + yhi + torch.zeros_like(a), u)
+        if x_in and y_in:
+            return v, Lin(lambda dx, dy: dx + sign * dy, [_zero(x), _zero(y)], slack=slack)
+        if x_in:
+            return v, Lin(lambda dx: dx + torch.zeros_like(a), [_zero(x)], slack=slack)
+        return v, Lin(lambda dy: sign * dy + torch.zeros_like(a), [_zero(y)], slack=slack)
+    if op in _MUL:
         a = x.a * y.a
-        ex, ey = _broad(x, a), _broad(y, a)
-        e = _abs(x.a) * ey + _abs(y.a) * ex + ex * ey
-        return _finish(a, e, u)
-    if op in (operator.truediv, torch.div, operator.itruediv):
-        if y.e is not None and bool((y.e > 0).any()):
+        if x_in and y_in and not x.exact and not y.exact:
+            ex, ey = x.err(), y.err()
+            e = x.a.abs() * ey + y.a.abs() * ex + ex * ey
+            v, _ = _finish(a, -e, e, u)
+            return v, Cut(v.lo, v.hi)
+        if x_in:
+            v, slack = _finish(a, *_scaled(x, y.a, a), u)
+            return v, Lin(lambda dx: dx * y.a + torch.zeros_like(a), [_zero(x)], slack=slack)
+        v, slack = _finish(a, *_scaled(y, x.a, a), u)
+        return v, Lin(lambda dy: dy * x.a + torch.zeros_like(a), [_zero(y)], slack=slack)
+    if op in _DIV:
+        if not y.exact and bool((y.err() > 0).any()):
             raise Unsupported("division by a tensor that carries quantization error")
         a = x.a / y.a
-        return _finish(a, _broad(x, a) / _abs(y.a), u)
+        v, slack = _finish(a, *_scaled(x, 1.0 / y.a if isinstance(y.a, torch.Tensor) else 1.0 / y.a, a), u)
+        return v, Lin(lambda dx: dx / y.a + torch.zeros_like(a), [_zero(x)], slack=slack)
     raise Unsupported(f"arithmetic {op}")
 
 
-def _abs(v: Any) -> Any:
-    return v.abs() if isinstance(v, torch.Tensor) else abs(v)
-
-
-def _broad(v: V, like: torch.Tensor) -> torch.Tensor:
-    if v.e is None:
-        return torch.zeros_like(like)
-    return v.e.expand_as(like) if v.e.shape != like.shape else v.e
-
-
 # -- quantized and float layers ------------------------------------------------------------------
-def act_quant(aq: ActQuantizer, x: V) -> V:
-    """``Q(a^)`` bounded through the quantizer's monotonicity (rounding and clipping, exactly)."""
-    if not aq.enabled or not x.a.is_floating_point():
-        return x
-    if aq.observing:
-        raise Unsupported("activation quantizer is still observing (inside lb.calibrate)")
-    if aq.spec.dynamic:
-        raise Unsupported(f"dynamic activation quantization ({aq.spec}) has an input-dependent grid")
-    if aq.scale is None:
-        return x  # uncalibrated: float pass-through
-    spec = aq.spec.replace(rounding="nearest")
-    e = x.err()
-    lo, hi = _round32(x.a - e, down=True), _round32(x.a + e, down=False)
-    qlo = ops.fake_quantize(lo, spec, aq.scale, aq.zero_point).double()
-    qhi = ops.fake_quantize(hi, spec, aq.scale, aq.zero_point).double()
-    d = torch.maximum((qhi - x.a).abs(), (qlo - x.a).abs())
-    return V(x.a, d + 8 * U64 * (x.a.abs() + d))
-
-
 def _round32(v: torch.Tensor, down: bool) -> torch.Tensor:
     """``v`` (float64) rounded to float32 towards -inf (``down``) or +inf."""
     f = v.float()
@@ -183,26 +264,90 @@ def _round32(v: torch.Tensor, down: bool) -> torch.Tensor:
     return torch.where(f.double() < v, torch.nextafter(f, torch.full_like(f, torch.inf)), f)
 
 
+ROUNDING = ("worst", "exact")
+
+
+def act_quant(aq: ActQuantizer | None, x: V, u: float, rounding: str = "worst"):
+    """``Q(a^) - a`` for the layer's input quantizer (see :func:`_quant_worst` / :func:`_quant_exact`)."""
+    if aq is None or not aq.enabled or not x.a.is_floating_point() or aq.scale is None:
+        return x, None   # no quantizer, or uncalibrated: float pass-through
+    if aq.observing:
+        raise Unsupported("activation quantizer is still observing (inside lb.calibrate)")
+    if aq.spec.dynamic:
+        raise Unsupported(f"dynamic activation quantization ({aq.spec}) has an input-dependent grid")
+    spec = aq.spec.replace(rounding="nearest")
+    s = broadcast_param(aq.scale.double(), x.a.shape, spec)
+    z = broadcast_param(aq.zero_point.double(), x.a.shape, spec)
+    bot, top = (spec.qmin - z) * s, (spec.qmax - z) * s
+    if rounding == "worst":
+        return _quant_worst(x, s, bot, top, u)
+    return _quant_exact(aq, spec, x, s, bot, top, u)
+
+
+def _quant_worst(x: V, s, bot, top, u: float):
+    """Rounding as an adversary: ``Q(v)`` anywhere in ``[v - s/2, v + s/2]`` inside the grid's range
+    ``[bot, top]`` (any round-to-nearest implementation), clipping exactly: ``Q(v) in
+    [clamp(v - s/2), clamp(v + s/2)]``, monotone in ``v``."""
+    vlo, vhi = x.a + x.l(), x.a + x.h()
+    slack = 4 * u * (vlo.abs() + vhi.abs() + top.abs() + bot.abs() + s) + 8 * U64 * x.a.abs()
+    qlo = torch.minimum(torch.maximum(vlo - s / 2, bot), top) - slack
+    qhi = torch.minimum(torch.maximum(vhi + s / 2, bot), top) + slack
+    out = V(x.a, qlo - x.a, qhi - x.a)
+    # backward: d_q = d + rho, |rho| <= s/2 where the interval lies inside the grid; else a constant range
+    inside = (vlo >= bot) & (vhi <= top)
+    slope = inside.to(x.a.dtype)
+    half = s / 2 + slack
+    return out, Elementwise(slope, torch.where(inside, -half, out.lo), slope, torch.where(inside, half, out.hi))
+
+
+def _quant_exact(aq: ActQuantizer, spec, x: V, s, bot, top, u: float):
+    """The quantizer as ``q`` computes it: monotone, so ``Q(a^) in [Q(a + lo), Q(a + hi)]`` (ends
+    rounded outwards to float32), rounding and clipping exactly."""
+    lo, hi = _round32(x.a + x.l(), down=True), _round32(x.a + x.h(), down=False)
+    qlo = ops.fake_quantize(lo, spec, aq.scale, aq.zero_point).double()
+    qhi = ops.fake_quantize(hi, spec, aq.scale, aq.zero_point).double()
+    lo, hi = lo.double(), hi.double()
+    tiny = 8 * U64 * (x.a.abs() + hi.abs() + lo.abs() + qlo.abs() + qhi.abs())
+    out = V(x.a, qlo - x.a - tiny, qhi - x.a + tiny)
+    # backward, per element: "constant" d_q in [Q(lo) - a, Q(hi) - a] (slope 0), or "identity"
+    # d_q = d + rho with rho = Q(a^) - a^ in [Q(lo) - hi, Q(hi) - lo] (and |rho| <= s/2 inside the
+    # grid): whichever leaves the narrower bounded term.
+    rho_lo, rho_hi = qlo - hi - tiny, qhi - lo + tiny
+    inside = (lo >= bot) & (hi <= top)
+    saw = s / 2 + 4 * u * (hi.abs() + lo.abs() + s)
+    rho_lo = torch.where(inside, torch.maximum(rho_lo, -saw), rho_lo)
+    rho_hi = torch.where(inside, torch.minimum(rho_hi, saw), rho_hi)
+    ident = (rho_hi - rho_lo) < (out.hi - out.lo)
+    slope = ident.to(x.a.dtype)
+    back = Elementwise(slope, torch.where(ident, rho_lo, out.lo), slope, torch.where(ident, rho_hi, out.hi))
+    return out, back
+
+
 def layer_rule(op: Callable, w_float: torch.Tensor, w_quant: torch.Tensor, bias: torch.Tensor | None,
-               x: V, u: float) -> V:
-    """``op(x, W_q, b)`` against ``op(x, W, b)`` (``op`` a linear or convolution)."""
+               x: V, aq: ActQuantizer | None, u: float, ue: float, rounding: str = "worst"):
+    """``op(Q(x), W_q, b)`` against ``op(x, W, b)`` (``op`` a linear or convolution)."""
+    xq, qback = act_quant(aq, x, ue, rounding)
     wf, wq = w_float.double(), w_quant.double()
     b = None if bias is None else bias.detach().double()
-    awq, adw = wq.abs(), (wq - wf).abs()
+    awq, dw = wq.abs(), wq - wf
     n = int(wq[0].numel())
     g32, g64 = _gamma(n, u), _gamma(n, U64)
     a = op(x.a, wf, b)
-    t1 = op(x.err(), awq, None)                                   # |W_q| E_in
-    mag = op(x.a.abs(), awq, None)                                # |W_q| |a|
-    if bool((adw > 0).any()):      # the weight error acts on the known float input: |dW a|, exactly
-        t2, dwa = op(x.a.abs(), adw, None), op(x.a, wq - wf, None).abs()
+    lq, hq = xq.l(), xq.h()
+    mid, rad = op((lq + hq) / 2, wq, None), op((hq - lq) / 2, awq, None)
+    mag = op(x.a.abs(), awq, None)                                  # |W_q| |a|
+    t1 = op(xq.err(), awq, None)                                    # |W_q| E_q
+    if bool((dw != 0).any()):      # the weight error acts on the known float input: dW a, exactly
+        t2, dwa = op(x.a.abs(), dw.abs(), None), op(x.a, dw, None)
     else:
-        t2 = dwa = torch.zeros_like(a)
-    e = t1 + dwa + g32 * (mag + t1) + g64 * (mag + 2 * t2)
+        t2, dwa = torch.zeros_like(a), torch.zeros_like(a)
+    slack = g32 * (mag + t1) + g64 * (mag + 2 * t2)
     if b is not None:
         ab = b.abs().reshape([1, -1] + [1] * (a.dim() - 2)) if w_float.dim() > 2 else b.abs()
-        e = e + (g32 + g64) * ab
-    return _finish(a, e)
+        slack = slack + (g32 + g64) * ab
+    v, fin = _finish(a, mid + dwa - rad - slack, mid + dwa + rad + slack)
+    lin = Lin(lambda d: op(d, wq, None), [torch.zeros_like(x.a)], const=dwa, slack=slack + fin)
+    return v, (Chain(lin, qback) if qback is not None else lin)
 
 
 def _float_op(m: nn.Module) -> Callable:
@@ -219,36 +364,40 @@ _AVGPOOL = (nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool
 _FLOAT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
 
-def module_rule(m: nn.Module, pairs: dict, name: str, dtype: torch.dtype, device: torch.device) -> Callable[[V], V]:
-    """The rule for ``call_module`` of ``m``, or raise :class:`Unsupported`."""
+def module_rule(m: nn.Module, pairs: dict, name: str, dtype: torch.dtype, device: torch.device,
+                rounding: str = "worst") -> Callable:
+    """The rule for ``call_module`` of ``m`` (``V -> (V, Back)``), or raise :class:`Unsupported`."""
     u = unit_roundoff(dtype, device)
     if isinstance(m, QuantLayer):
         wf, wq = pairs[name]
-        kind = "linear" if wq.dim() == 2 else "conv"
-        ul = unit_roundoff(dtype, device, kind)
-        aq = m.input_quant
-        return lambda x: layer_rule(m.op, wf, wq, m.bias, act_quant(aq, x) if aq is not None else x, ul)
+        ul = unit_roundoff(dtype, device, "linear" if wq.dim() == 2 else "conv")
+        return lambda x: layer_rule(m.op, wf, wq, m.bias, x, m.input_quant, ul, u, rounding)
     if isinstance(m, ActQuantizer):
-        return lambda x: act_quant(m, x)
+        def quant(x):
+            v, back = act_quant(m, x, u, rounding)
+            return (v, back) if back is not None else identity(x)
+        return quant
     if type(m) in _FLOAT_LAYERS:
         kind = "linear" if isinstance(m, nn.Linear) else "conv"
         ul = unit_roundoff(dtype, device, kind)
         if kind == "conv" and m.padding_mode != "zeros":
             raise Unsupported(f"{type(m).__name__} with padding_mode={m.padding_mode!r}")
-        return lambda x: layer_rule(_float_op(m), m.weight.detach(), m.weight.detach(), m.bias, x, ul)
+        return lambda x: layer_rule(_float_op(m), m.weight.detach(), m.weight.detach(), m.bias, x, None, ul, u)
     if isinstance(m, _IDENTITY_MODULES):
         if isinstance(m, nn.Identity) or not m.training or m.p == 0:
-            return lambda x: x
+            return identity
         raise Unsupported(f"{type(m).__name__} in training mode; call model.eval()")
     if isinstance(m, _MONOTONE_MODULES):
         if isinstance(m, nn.LeakyReLU) and m.negative_slope < 0:
             raise Unsupported("LeakyReLU with a negative slope is not monotone")
         exact = isinstance(m, (nn.ReLU, nn.Hardtanh))
-        return lambda x: monotone(lambda t: m(t), x, u, exact)
+        return lambda x: monotone(lambda t: m(t), x, u, exact, relu=type(m) is nn.ReLU)
     if isinstance(m, _MAXPOOL):
         if getattr(m, "return_indices", False):
             raise Unsupported(f"{type(m).__name__} with return_indices=True")
-        return lambda x: maxpool(lambda t: m(t), x)
+        windows = _pool_windows(m, 1 if isinstance(m, nn.MaxPool1d) else 2) \
+            if isinstance(m, (nn.MaxPool1d, nn.MaxPool2d)) else None
+        return lambda x: maxpool(lambda t: m(t), x, windows)
     if isinstance(m, _AVGPOOL):
         return lambda x: avgpool(lambda t: m(t), x, u)
     if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
@@ -268,17 +417,16 @@ _ARITH = {operator.add, operator.sub, operator.mul, operator.truediv, operator.i
           operator.imul, operator.itruediv, torch.add, torch.sub, torch.mul, torch.div}
 _MAXPOOL_F = {F.max_pool1d, F.max_pool2d, F.adaptive_max_pool1d, F.adaptive_max_pool2d}
 _AVGPOOL_F = {F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d}
-_ARITH_METHODS = {"add": operator.add, "sub": operator.sub, "mul": operator.mul, "div": operator.truediv}
 
 
-def function_rule(fn: Any, args: tuple, kwargs: dict, u: float) -> Callable[..., V] | None:
-    """Rule for ``call_function``; returns a callable of the resolved first-tensor V, or None if generic."""
+def function_rule(fn: Any, args: tuple, kwargs: dict, u: float):
+    """Rule for ``call_function``: ``(x, rest, kw) -> (V, Back)``, or a tag ("arith", "cat", "value")."""
     if fn in _ARITH:
         if "alpha" in kwargs:
             raise Unsupported(f"{getattr(fn, '__name__', fn)} with alpha")
         return "arith"
     if fn is operator.neg:
-        return lambda x, rest, kw: V(-x.a, x.e)
+        return lambda x, rest, kw: (V(-x.a, -x.h(), -x.l()), Lin(lambda d: -d, [_zero(x)]))
     if fn in _STRUCT_FUNCS:
         return lambda x, rest, kw: structural(lambda t: fn(t, *rest, **kw), x)
     if fn is torch.cat:
@@ -286,7 +434,8 @@ def function_rule(fn: Any, args: tuple, kwargs: dict, u: float) -> Callable[...,
     if fn in _MONO_FUNCS:
         if fn is F.leaky_relu and (args[1:] or [kwargs.get("negative_slope", 0.01)])[0] < 0:
             raise Unsupported("leaky_relu with a negative slope is not monotone")
-        return lambda x, rest, kw: monotone(lambda t: fn(t, *rest, **kw), x, u, _MONO_FUNCS[fn])
+        relu = fn in (F.relu, torch.relu)
+        return lambda x, rest, kw: monotone(lambda t: fn(t, *rest, **kw), x, u, _MONO_FUNCS[fn], relu)
     if fn in _MAXPOOL_F:
         if kwargs.get("return_indices"):
             raise Unsupported("max pooling with return_indices=True")
@@ -296,20 +445,21 @@ def function_rule(fn: Any, args: tuple, kwargs: dict, u: float) -> Callable[...,
     if fn is F.dropout:
         if kwargs.get("training", args[2] if len(args) > 2 else True):
             raise Unsupported("F.dropout with training=True")
-        return lambda x, rest, kw: x
+        return lambda x, rest, kw: identity(x)
     if fn in (getattr, operator.getitem):
         return "value"
     raise Unsupported(f"function {getattr(fn, '__qualname__', fn)} has no bound propagation rule")
 
 
-def method_rule(name: str, u: float) -> Callable[..., V] | str:
+def method_rule(name: str, u: float):
     """Rule for ``call_method``."""
     if name in _STRUCT_METHODS:
         return lambda x, rest, kw: structural(lambda t: getattr(t, name)(*rest, **kw), x)
     if name in _VALUE_METHODS:
         return "value"
     if name in _MONO_METHODS:
-        return lambda x, rest, kw: monotone(lambda t: getattr(t, name)(*rest, **kw), x, u, _MONO_METHODS[name])
-    if name in _ARITH_METHODS:
+        return lambda x, rest, kw: monotone(lambda t: getattr(t, name)(*rest, **kw), x, u, _MONO_METHODS[name],
+                                            name == "relu")
+    if name in ("add", "sub", "mul", "div"):
         return "arith"
     raise Unsupported(f"method .{name}() has no bound propagation rule")

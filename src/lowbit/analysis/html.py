@@ -96,7 +96,11 @@ def render(report) -> str:
                                  "predicted vs exact KL", "exact KL", "predicted KL"))
     if report.bound:
         parts.append("<h2>Certified predictions</h2><p><small>A sound per-input bound B on max_k |dz_k|; "
-                     "an input is certified when its float top-1 margin exceeds 2B.</small></p>" + _kv(report.bound))
+                     "an input is certified when its float top-1 margin exceeds 2B. Worst-case rounding: every "
+                     "activation rounding may fall anywhere within half a step (holds for any round-to-nearest "
+                     "kernel); exact rounding: the rounding this model performs.</small></p>" + _kv(report.bound))
+        if isinstance(report.bound.get("exact_rounding"), dict):
+            parts.append("<p><small>exact rounding:</small></p>" + _kv(report.bound["exact_rounding"]))
     if report.mdl:
         d = report.mdl
         parts.append("<h2>Description length</h2>" + _kv({k: v for k, v in d.items() if k != "layers"}))

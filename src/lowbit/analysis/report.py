@@ -51,7 +51,8 @@ class Report:
     Attributes:
         model: model-level numbers (``metric``, ``accuracy_float``/``accuracy_quant``/``agreement``
             with labels, ``kl``/``kl_predicted``/``kl_relative_error`` for classifiers, ``divergence``,
-            ``certified_fraction``, ``bits_per_weight``, ``model_bits``, ``data_bits``, ...).
+            ``certified_fraction`` (worst-case rounding) and ``certified_fraction_exact_rounding``
+            (``q``'s own rounding), ``bits_per_weight``, ``model_bits``, ``data_bits``, ...).
         layers: the per-layer table, one dict per quantized layer (error anatomy, sensitivity, bits).
         anatomy: per-layer :class:`LayerAnatomy` (clip sweeps and histograms for the plots).
         kl_points: ``{"exact": [...], "predicted": [...]}`` per-sample KL (a sample, for the scatter).
@@ -116,6 +117,9 @@ def _atomic_write(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)   # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -235,10 +239,15 @@ def analyze(float_model: nn.Module, qmodel: nn.Module, batches: Iterable, labels
     if bound:
         t = time.perf_counter()
         if all(isinstance(b, torch.Tensor) for b in batches):
-            res = logit_bound(float_model, qmodel, torch.cat(batches))
+            x = torch.cat(batches)
+            res = logit_bound(float_model, qmodel, x)
             bound_d = res.as_dict()
             model["certified_fraction"] = res.certified_fraction if res.available else None
             model["bound_available"] = res.available
+            if res.available:
+                exact = logit_bound(float_model, qmodel, x, rounding="exact")
+                bound_d["exact_rounding"] = exact.as_dict()
+                model["certified_fraction_exact_rounding"] = exact.certified_fraction
             if not res.available:
                 notes.append("certified bound unavailable: " + "; ".join(res.unsupported))
         else:

@@ -87,7 +87,9 @@ def lines(x: Sequence[float], series: dict[str, Sequence[float]], title: str, xl
         body.append(f'<text x="{x0 + 6 + 90 * i}" y="{height - 6}" {_FONT} fill="{COLORS[i % 6]}">{escape(name)}</text>')
     for j, (name, v) in enumerate((markers or {}).items()):
         body.append(f'<line x1="{sx(v):.1f}" y1="{y0}" x2="{sx(v):.1f}" y2="{y0 + h}" stroke="#000" stroke-dasharray="3,2"/>')
-        body.append(f'<text x="{sx(v) + 3:.1f}" y="{y0 + 12 + 12 * j}" {_FONT}>{escape(name)}</text>')
+        right = sx(v) > x0 + w * 0.8
+        body.append(f'<text x="{sx(v) + (-3 if right else 3):.1f}" y="{y0 + 12 + 12 * j}" '
+                    f'text-anchor="{"end" if right else "start"}" {_FONT}>{escape(name)}</text>')
     return _svg(width, height, body, title)
 
 
