@@ -23,12 +23,24 @@ from typing import Callable
 
 import torch
 
-__all__ = ["Back", "Cut", "Lin", "Elementwise", "Chain", "MaxPoolBack", "total"]
+__all__ = ["Back", "Cut", "Lin", "Elementwise", "Chain", "MaxPoolBack", "total", "dot"]
 
 
 def total(t: torch.Tensor) -> torch.Tensor:
     """Sum over everything but the leading (objective, sample) dimensions."""
     return t.reshape(t.shape[0], t.shape[1], -1).sum(-1)
+
+
+def dot(lam: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """``total(lam * c)`` for ``c`` shaped like one objective's ``lam`` (``[N, *out]``), without the product tensor."""
+    k, n = lam.shape[0], lam.shape[1]
+    lam3 = lam.reshape(k, n, -1).transpose(0, 1)                    # [N, K, M]
+    return torch.bmm(lam3, c.expand(lam.shape[1:]).reshape(n, -1, 1)).squeeze(-1).transpose(0, 1)
+
+
+def _range(lam: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """``total(max(lam * lo, lam * hi))`` = ``lam . mid + |lam| . rad``."""
+    return dot(lam, (lo + hi) / 2) + dot(lam.abs(), (hi - lo) / 2)
 
 
 class Back:
@@ -45,22 +57,24 @@ class Cut(Back):
         self.lo, self.hi = lo, hi
 
     def back(self, lam):
-        return [], total(torch.maximum(lam * self.lo, lam * self.hi))
+        return [], _range(lam, self.lo, self.hi)
 
 
 class Lin(Back):
-    """``d_out = fn(d_1, ..., d_m) + const + eta``, ``|eta| <= slack``, ``fn`` linear."""
+    """``d_out = fn(d_1, ..., d_m) + const + eta``, ``|eta| <= slack``, ``fn`` linear (None: the identity)."""
 
-    def __init__(self, fn: Callable, primals: list[torch.Tensor], const: torch.Tensor | None = None,
+    def __init__(self, fn: Callable | None, primals: list[torch.Tensor], const: torch.Tensor | None = None,
                  slack: torch.Tensor | None = None) -> None:
         self.fn, self.primals, self.const, self.slack = fn, primals, const, slack
 
     def back(self, lam):
         c = torch.zeros(lam.shape[:2], dtype=lam.dtype, device=lam.device)
         if self.const is not None:
-            c = c + total(lam * self.const)
+            c = c + dot(lam, self.const)
         if self.slack is not None:
-            c = c + total(lam.abs() * self.slack)
+            c = c + dot(lam.abs(), self.slack)
+        if self.fn is None:
+            return [lam], c
         _, vjp = torch.func.vjp(self.fn, *self.primals)
         return list(torch.func.vmap(vjp)(lam)), c
 
@@ -69,15 +83,16 @@ class Elementwise(Back):
     """``s_lo d + c_lo <= d_out <= s_up d + c_up`` elementwise, plus ``|eta| <= slack``."""
 
     def __init__(self, s_lo, c_lo, s_up, c_up, slack: torch.Tensor | None = None) -> None:
-        self.s_lo, self.c_lo, self.s_up, self.c_up, self.slack = s_lo, c_lo, s_up, c_up, slack
+        self.s_lo, self.s_up = s_lo, s_up
+        self.mid = (c_lo + c_up) / 2
+        self.rad = (c_up - c_lo) / 2 + (slack if slack is not None else 0)
 
     def back(self, lam):
-        pos = lam >= 0
-        out = torch.where(pos, lam * self.s_up, lam * self.s_lo)
-        c = total(torch.where(pos, lam * self.c_up, lam * self.c_lo))
-        if self.slack is not None:
-            c = c + total(lam.abs() * self.slack)
-        return [out], c
+        if self.s_lo is self.s_up:
+            out = lam * self.s_up
+        else:   # lam * s_up where lam >= 0, lam * s_lo elsewhere
+            out = lam * self.s_lo + lam.clamp_min(0) * (self.s_up - self.s_lo)
+        return [out], dot(lam, self.mid) + dot(lam.abs(), self.rad)
 
 
 class Chain(Back):
@@ -105,7 +120,7 @@ class MaxPoolBack(Back):
         self.fn, self.a, self.stable, self.upper = fn, a, stable, upper
 
     def back(self, lam):
-        loose = (lam > 0) & ~self.stable
-        c = total(torch.where(loose, lam * self.upper, torch.zeros_like(lam)))
+        loose = lam.clamp_min(0) * ~self.stable          # the part of lam bounded by the constant
+        c = dot(loose, self.upper)
         _, vjp = torch.func.vjp(self.fn, self.a)
-        return list(torch.func.vmap(vjp)(torch.where(loose, torch.zeros_like(lam), lam))), c
+        return list(torch.func.vmap(vjp)(lam - loose)), c

@@ -121,7 +121,7 @@ def structural(fn: Callable, x: V):
 
 
 def identity(x: V):
-    return x, Lin(lambda d: d, [_zero(x)])
+    return x, Lin(None, [])
 
 
 def monotone(fn: Callable, x: V, u: float, exact: bool, relu: bool = False):
@@ -166,7 +166,7 @@ def maxpool(fn: Callable, x: V, windows: Callable | None = None):
         unique = wa.gather(-1, j).squeeze(-1) > wa.scatter(-1, j, ninf).amax(-1)   # autograd's argmax is j*
         stable = ((low >= rest.amax(-1)) & unique).reshape(a.shape)
     back = MaxPoolBack(fn, x.a, stable, fn(hi_in) - a)
-    return v, Chain(Lin(lambda d: d, [torch.zeros_like(a)], slack=slack), back)
+    return v, Chain(Lin(None, [], slack=slack), back)
 
 
 def _pool_windows(m: nn.Module, dims: int) -> Callable | None:
@@ -232,7 +232,8 @@ def arith(op: Callable, x: V, y: V, u: float, x_in: bool, y_in: bool):
         if x_in and y_in:
             return v, Lin(lambda dx, dy: dx + sign * dy, [_zero(x), _zero(y)], slack=slack)
         if x_in:
-            return v, Lin(lambda dx: dx + torch.zeros_like(a), [_zero(x)], slack=slack)
+            fn = None if x.a.shape == a.shape else (lambda dx: dx + torch.zeros_like(a))
+            return v, Lin(fn, [_zero(x)], slack=slack)
         return v, Lin(lambda dy: sign * dy + torch.zeros_like(a), [_zero(y)], slack=slack)
     if op in _MUL:
         a = x.a * y.a

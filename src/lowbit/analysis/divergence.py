@@ -112,7 +112,7 @@ def output_mse(z_float: torch.Tensor, z_quant: torch.Tensor) -> torch.Tensor:
 def cosine_distance(z_float: torch.Tensor, z_quant: torch.Tensor) -> torch.Tensor:
     """``1 - cos(z_float, z_quant)`` per sample (over the last dim); 0 when the directions agree."""
     zf, zq = _check_pair(z_float, z_quant)
-    return 1.0 - torch.nn.functional.cosine_similarity(zf, zq, dim=-1, eps=1e-30)
+    return (1.0 - torch.nn.functional.cosine_similarity(zf, zq, dim=-1, eps=1e-30)).clamp_min(0.0)
 
 
 def divergence(z_float: torch.Tensor, z_quant: torch.Tensor, metric: str) -> torch.Tensor:
