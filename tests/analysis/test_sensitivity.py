@@ -89,3 +89,35 @@ def test_bad_budgets_and_frozen_models_are_refused(mlp, digits):
     # sensitivity still works on a frozen model (float weights come from the float model)
     s = layer_sensitivity(mlp, q, [digits[2]])
     assert s.ranking[0] == "5"
+
+
+class _Shared(nn.Module):
+    """A residual block and a module called twice (its output must not be replayed)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(64, 32), nn.Linear(32, 32), nn.Linear(32, 10)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        h = self.act(self.a(x.flatten(1)))
+        h = self.act(h + self.b(h))
+        return self.c(h)
+
+
+@pytest.mark.parametrize("which", ["rescnn", "shared"])
+def test_replaying_the_float_prefix_changes_no_output(which, rescnn, digits, quantized, monkeypatch):
+    from lowbit.analysis import probe as probe_mod
+    m = rescnn[0] if which == "rescnn" else _Shared().eval()
+    q = quantized(m, 4, 8)
+    batches = [digits[2][:100], digits[2][100:200]]
+    fast, slow = probe_mod.Probe(m, q), probe_mod.Probe(m, q)
+    monkeypatch.setattr(probe_mod, "MAX_CACHE_BYTES", 0)     # slow: nothing replayed
+    slow.outputs(batches)
+    monkeypatch.undo()
+    fast.outputs(batches)
+    assert fast._cache and not slow._cache
+    for name in fast.names:
+        fast.quantize_only(name)
+        slow.quantize_only(name)
+        assert torch.equal(fast.outputs(batches), slow.outputs(batches))

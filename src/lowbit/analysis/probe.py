@@ -8,6 +8,11 @@ folding that ``lb.quantize`` applied, recorded in ``q.lowbit_info.folded``).
 :class:`Probe` is a private copy of the quantized model in which every layer's weight and input
 quantization can be switched on or off on its own: "quantize one layer at a time, the others float"
 (per-layer sensitivity) and "this layer at b bits" (mixed precision) are probe configurations.
+
+With only some layers quantized, every module that finishes before the first of them starts
+computes exactly what it computes in the float model. :meth:`Probe.outputs` records those
+outputs once per batch and then skips the modules (their ``forward`` returns the recorded
+value), so a layer deep in the network costs only the part of the network after it.
 """
 from __future__ import annotations
 
@@ -134,6 +139,11 @@ class Probe:
                 self._acts[name] = aq
             elif aq is not None:
                 aq.enabled = False
+        self._order: dict[str, tuple[int, int]] | None = None   # module -> (start, end) in call order
+        self._cache: dict[str, list] = {}
+        self._cached_for: list | None = None
+        self._skip: list[str] = []
+        self._batch = 0
         self.configure()
 
     @property
@@ -149,6 +159,8 @@ class Probe:
             sw.value = weights.get(name)
         for name, aq in self._acts.items():
             aq.enabled = name in acts
+        self._active = set(weights) | acts
+        self._config = (dict(weights), acts)
 
     def quantize_only(self, name: str, with_input: bool = True) -> None:
         """Layer ``name`` as in ``q`` (its weight and, if ``with_input``, its input); the others float."""
@@ -157,4 +169,101 @@ class Probe:
     @torch.no_grad()
     def outputs(self, batches: list) -> torch.Tensor:
         """The probe's outputs on ``batches``, concatenated along the first dimension."""
-        return torch.cat([output_tensor(run_batch(self.model, b)).detach() for b in batches])
+        if self._cached_for is not batches:
+            self._record(batches)
+        first = min((self._order[n][0] for n in self._active if n in self._order), default=None)
+        skip = [] if first is None else self._prefix(first)
+        mods = dict(self.model.named_modules())
+        for name in skip:
+            mods[name].forward = self._replay(name)
+        try:
+            out = []
+            for i, b in enumerate(batches):
+                self._batch = i
+                out.append(output_tensor(run_batch(self.model, b)).detach())
+            return torch.cat(out)
+        finally:
+            for name in skip:
+                del mods[name].forward
+
+    def _replay(self, name: str):
+        def forward(*args, **kwargs):
+            return _clone(self._cache[name][self._batch])
+        return forward
+
+    def _prefix(self, first: int) -> list[str]:
+        """The outermost cached modules that end before call number ``first`` starts."""
+        done = [n for n in self._cache if self._order[n][1] < first]
+        inside = set(done)
+        return [n for n in done if not any(n.startswith(p + ".") for p in inside if p != n)]
+
+    def _record(self, batches: list) -> None:
+        """Run the float probe once, noting each module's call order and the outputs worth replaying."""
+        config = self._config
+        self.configure()
+        names = {m: n for n, m in self.model.named_modules() if n}
+        orders: list[dict[str, list[int]]] = []
+        outs: dict[str, list] = {}
+        counter = [0]
+
+        def pre(m, args):
+            n = names[m]
+            if n in orders[-1]:
+                orders[-1][n][0] = -1          # called twice: not replayable
+            else:
+                orders[-1][n] = [counter[0], -1]
+            counter[0] += 1
+
+        def post(m, args, out):
+            n = names[m]
+            orders[-1][n][1] = counter[0]
+            counter[0] += 1
+            outs.setdefault(n, []).append(_clone(out) if _cacheable(out) else None)
+
+        hooks = [h for m in names for h in (m.register_forward_pre_hook(pre), m.register_forward_hook(post))]
+        try:
+            for b in batches:
+                orders.append({})
+                counter[0] = 0
+                run_batch(self.model, b)
+        finally:
+            for h in hooks:
+                h.remove()
+            self.configure(*config)
+        self._cached_for = batches
+        self._order = {n: (o[0], o[1]) for n, o in orders[0].items()}
+        if any(o != orders[0] for o in orders[1:]):   # the call order depends on the input: replay nothing
+            self._cache = {}
+            return
+        cache = {n: v for n, v in outs.items()
+                 if self._order[n][0] >= 0 and len(v) == len(batches) and all(x is not None for x in v)}
+        # keep only what some one-layer configuration replays, within a memory budget
+        self._cache = cache
+        keep = {n for layer in self.names if layer in self._order for n in self._prefix(self._order[layer][0])}
+        self._cache = {n: cache[n] for n in keep}
+        if sum(_nbytes(v) for v in self._cache.values()) > MAX_CACHE_BYTES:
+            self._cache = {}
+
+
+MAX_CACHE_BYTES = 1 << 30
+
+
+def _nbytes(values: list) -> int:
+    total = 0
+    for out in values:
+        for t in ([out] if isinstance(out, torch.Tensor) else out):
+            if t is not None:
+                total += t.numel() * t.element_size()
+    return total
+
+
+def _cacheable(out) -> bool:
+    if isinstance(out, torch.Tensor):
+        return True
+    return type(out) in (tuple, list) and all(o is None or isinstance(o, torch.Tensor) for o in out)
+
+
+def _clone(out):
+    if isinstance(out, torch.Tensor):
+        return out.detach().clone()
+    return type(out)(None if o is None else o.detach().clone() for o in out)
