@@ -21,8 +21,8 @@ def _positive_batches(shape, n=4, seed=0):
     return [torch.rand(shape, generator=g) * 2 + 0.5 for _ in range(n)]   # E[x] far from 0: a large shift
 
 
-@pytest.mark.parametrize("kind", ["linear", "conv"])
-def test_mean_output_error_of_a_layer_becomes_zero(kind):
+@pytest.mark.parametrize("kind,mode", [("linear", "layer"), ("conv", "layer"), ("conv", "model")])
+def test_mean_output_error_of_a_layer_becomes_zero(kind, mode):
     torch.manual_seed(0)
     if kind == "linear":
         m, dim = nn.Sequential(nn.Linear(16, 8, bias=False)), -1
@@ -35,7 +35,7 @@ def test_mean_output_error_of_a_layer_becomes_zero(kind):
     q = lb.quantize(m, weights=W3)
     with torch.no_grad():
         before = _channel_mean(torch.cat([q(x) - ref(x) for x in batches]), dim)
-        qc = bias_correction(q, batches)
+        qc = bias_correction(q, batches, mode=mode)
         after = _channel_mean(torch.cat([qc(x) - ref(x) for x in batches]), dim)
         untouched = _channel_mean(torch.cat([q(x) - ref(x) for x in batches]), dim)
     assert before.abs().max() > 1e-2
@@ -90,7 +90,7 @@ def test_correction_reduces_the_output_error():
     q = lb.quantize(m, weights=W3)
     with torch.no_grad():
         err = lambda model: (model(test) - m(test)).pow(2).mean().item()   # noqa: E731
-        base, layer, model = err(q), err(bias_correction(q, batches)), err(bias_correction(q, batches, mode="model"))
+        base, layer, model = err(q), err(bias_correction(q, batches, mode="layer")), err(bias_correction(q, batches))
     assert layer < base and model < 0.7 * base, (base, layer, model)
 
 
