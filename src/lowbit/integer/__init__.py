@@ -1,0 +1,1 @@
+"""Integer execution of frozen quantized models."""
