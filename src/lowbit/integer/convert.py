@@ -17,7 +17,6 @@ from __future__ import annotations
 import builtins
 import copy
 import logging
-import operator
 from dataclasses import dataclass, field
 
 import torch
@@ -78,7 +77,7 @@ def _grid_preserving(node: torch.fx.Node, src: torch.fx.Node, modules: dict[str,
     if node.op == "call_module":
         return isinstance(modules[node.target], _GRID_MODULES)
     if node.op == "call_function":
-        return node.target in _GRID_FUNCTIONS and node.target is not operator.add
+        return node.target in _GRID_FUNCTIONS
     if node.op == "call_method":
         return node.target in _GRID_METHODS
     return False

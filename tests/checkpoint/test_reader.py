@@ -1,5 +1,5 @@
+"""lb.load: bit-identical round trips and clear errors for models that do not fit."""
 import copy
-import os
 
 import pytest
 import safetensors.torch
@@ -7,7 +7,6 @@ import torch
 from torch import nn
 
 import lowbit as lb
-from lowbit import checkpoint
 
 A8 = lb.QuantSpec(bits=8, symmetric=False)
 A8U = lb.QuantSpec(bits=8, signed=False, symmetric=False)
@@ -91,26 +90,9 @@ def test_round_trip_is_bit_identical(case, tmp_path):
     assert q2.lowbit_info.folded == q.lowbit_info.folded and q2.lowbit_info.weights == w
 
 
-def test_file_holds_packed_codes_and_skips_implied_zero_points(tmp_path):
-    q, _ = _quantized(cnn2d, W4G, A8)
-    lb.freeze(q)
-    lb.save(q, tmp_path / "q.safetensors")
-    t = safetensors.torch.load_file(str(tmp_path / "q.safetensors"))
-    assert t["6.weight_codes"].dtype == torch.uint8 and t["6.weight_codes"].numel() == 16 * 36 // 2
-    assert "6.weight_zero_point" not in t                          # symmetric: all zero, implied
-    assert t["6.input_quant.zero_point"].dtype == torch.int8        # stored in the grid's own type
-    qmap = lb.checkpoint.read_quant_map(tmp_path / "q.safetensors")
-    assert qmap["format_version"] == checkpoint.FORMAT_VERSION and qmap["fold_bn"] is True
-    entry = qmap["layers"]["0"]
-    assert entry["frozen"] and entry["weight_shape"] == [6, 2, 3, 3] and entry["float_class"] == "Conv2d"
-    assert checkpoint.spec_from_dict(entry["weight"]["spec"]) == W4G
-
-
-def test_unfrozen_model_saves_float_master_weights_and_resumes(tmp_path, caplog):
+def test_unfrozen_model_saves_float_master_weights_and_resumes(tmp_path):
     q, x = _quantized(cnn2d, W4G, A8)
-    with caplog.at_level("WARNING", logger="lowbit.checkpoint"):
-        lb.save(q, tmp_path / "qat.safetensors")
-    assert "not frozen" in caplog.text
+    lb.save(q, tmp_path / "qat.safetensors")
     q2 = lb.load(tmp_path / "qat.safetensors", cnn2d(seed=3))
     assert torch.equal(q2(x), q(x))
     assert not q2[0].frozen and q2[0].weight.requires_grad
@@ -152,82 +134,12 @@ def test_tied_float_weights_are_written_once_and_stay_tied(tmp_path):
     assert torch.equal(q2(t), q(t)) and q2.head.weight is q2.emb.weight
 
 
-def test_four_bit_checkpoint_is_at_most_a_seventh_of_the_float_file(tmp_path):
-    torch.manual_seed(0)
-    make = lambda: nn.Sequential(nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 512))  # noqa: E731
-    m = make()
-    safetensors.torch.save_file(m.state_dict(), str(tmp_path / "float.safetensors"))
-    torch.save(m.state_dict(), tmp_path / "float.pt")
-    float_size = min(os.path.getsize(tmp_path / "float.safetensors"), os.path.getsize(tmp_path / "float.pt"))
-    for spec in (lb.QuantSpec(bits=4, granularity=lb.PerGroup(128)), lb.QuantSpec(bits=4, granularity=lb.PerChannel(0))):
-        q = lb.freeze(lb.quantize(m, weights=spec))
-        lb.save(q, tmp_path / "w4.safetensors")
-        assert os.path.getsize(tmp_path / "w4.safetensors") * 7 <= float_size, spec
-
-
 def _saved(tmp_path):
     q, _ = _quantized(cnn2d, W8, A8)
     lb.freeze(q)
     path = tmp_path / "good.safetensors"
     lb.save(q, path)
     return q, path
-
-
-def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
-    q, path = _saved(tmp_path)
-    good = path.read_bytes()
-    q8, _ = _quantized(cnn2d, W4G, A8)
-    lb.freeze(q8)
-
-    def boom(*a, **k):
-        raise RuntimeError("disk on fire")
-
-    monkeypatch.setattr(checkpoint, "_serialize", boom)
-    with pytest.raises(RuntimeError, match="disk on fire"):
-        lb.save(q8, path)
-    assert path.read_bytes() == good and os.listdir(tmp_path) == ["good.safetensors"]
-    monkeypatch.undo()
-
-    class HalfWritten(Exception):
-        pass
-
-    real_fsync = os.fsync
-
-    def crash_after_partial_write(fd):   # the data is in the temporary file; the process dies before the rename
-        assert os.fstat(fd).st_size > 0
-        raise HalfWritten
-
-    monkeypatch.setattr(checkpoint.os, "fsync", crash_after_partial_write)
-    with pytest.raises(HalfWritten):
-        lb.save(q8, path)
-    monkeypatch.setattr(checkpoint.os, "fsync", real_fsync)
-    assert path.read_bytes() == good and os.listdir(tmp_path) == ["good.safetensors"]
-    assert torch.equal(lb.load(path, cnn2d())(torch.ones(1, 2, 8, 8)), q(torch.ones(1, 2, 8, 8)))
-
-
-@pytest.mark.parametrize("cut", [0, 5, 8, 40, 0.5, -1])
-def test_truncated_file_is_a_clear_error(tmp_path, cut):
-    _, path = _saved(tmp_path)
-    data = path.read_bytes()
-    n = int(len(data) * cut) if isinstance(cut, float) else (len(data) + cut if cut < 0 else cut)
-    (tmp_path / "cut.safetensors").write_bytes(data[:n])
-    with pytest.raises(ValueError, match="truncated|too short"):
-        lb.load(tmp_path / "cut.safetensors", cnn2d())
-
-
-def test_foreign_files_are_clear_errors(tmp_path):
-    m = cnn2d()
-    torch.save(m.state_dict(), tmp_path / "m.pt")
-    with pytest.raises(ValueError, match="not a safetensors file"):
-        lb.load(tmp_path / "m.pt", m)
-    (tmp_path / "junk.bin").write_bytes(os.urandom(1000))
-    with pytest.raises(ValueError, match="not a"):
-        lb.load(tmp_path / "junk.bin", m)
-    safetensors.torch.save_file(m.state_dict(), str(tmp_path / "float.safetensors"))
-    with pytest.raises(ValueError, match="not a lowbit checkpoint"):
-        lb.load(tmp_path / "float.safetensors", m)
-    with pytest.raises(FileNotFoundError):
-        lb.load(tmp_path / "missing.safetensors", m)
 
 
 def test_mismatched_model_like_names_what_differs(tmp_path):
@@ -254,19 +166,6 @@ def test_mismatched_model_like_names_what_differs(tmp_path):
     q, _ = _quantized(cnn2d, W8, A8)
     with pytest.raises(ValueError, match="float model"):
         lb.load(path, q)
-
-
-def test_bad_save_input(tmp_path):
-    with pytest.raises(ValueError, match="no quantized layer"):
-        lb.save(cnn2d(), tmp_path / "x.safetensors")
-    q, x = _quantized(cnn2d, W8, A8)
-    with pytest.raises(ValueError, match="does not exist"):
-        lb.save(q, tmp_path / "nope" / "x.safetensors")
-    with pytest.raises(ValueError, match="after the"):
-        with lb.calibrate(q):
-            q(x)
-            lb.save(q, tmp_path / "x.safetensors")
-    assert os.listdir(tmp_path) == []
 
 
 def test_uncalibrated_quantizer_and_dtype_mismatch(tmp_path):
