@@ -42,7 +42,7 @@ def test_file_holds_packed_codes_and_skips_implied_zero_points(tmp_path):
     assert qmap["format_version"] == FORMAT_VERSION and qmap["fold_bn"] is True
     entry = qmap["layers"]["0"]
     assert entry["frozen"] and entry["weight_shape"] == [6, 2, 3, 3] and entry["float_class"] == "Conv2d"
-    assert spec_from_dict(entry["weight"]["spec"]) == W4G
+    assert spec_from_dict(qmap["specs"][entry["weight"]["spec"]]) == W4G and len(qmap["specs"]) == 2   # W4G, A8 once
 
 
 def test_four_bit_checkpoint_is_at_most_a_seventh_of_the_float_file(tmp_path):

@@ -6,11 +6,14 @@ for 4- and 2-bit grids; weight scales and zero points; activation scales and zer
 and every float tensor of the layers that stayed float), plus a *quantization map* as JSON in the
 header metadata (key ``"lowbit"``)::
 
-    {"format": "lowbit", "format_version": 1, "lowbit_version": ..., "model_class": ...,
-     "fold_bn": ..., "folded": [[layer, batchnorm], ...], "info": {...lb.quantize arguments...},
+    {"format": "lowbit", "format_version": 1, "lowbit_version": ..., "model_class": ..., "training": ...,
+     "fold_bn": ..., "folded": [[layer, batchnorm], ...],
+     "specs": [{"bits", "signed", "symmetric", "granularity": {"type", ...}, "rounding", "narrow_range",
+                "dynamic"}, ...],                                   # each distinct QuantSpec once
+     "info": {"weights": spec index, "activations": spec index | null, "observer", "skipped", "uncalibrated"},
      "layers": {name: {"class", "float_class", "weight_shape", "frozen", "bias",
-                       "weight": {"spec", "observer", "options", "ste", "enabled", "fixed"},
-                       "activation": null | {"spec", "observer", "options", "ste", "enabled", "qparams"}}},
+                       "weight": {"spec": index, "observer", "options", "ste", "enabled", "fixed"},
+                       "activation": null | {"spec": index, "observer", "options", "ste", "enabled", "qparams"}}},
      "implied": {tensor: {"value", "shape", "dtype"}}, "casts": {tensor: dtype}, "aliases": {tensor: tensor}}
 
 Zero points of symmetric grids (all equal to ``spec.symmetric_zero_point``) are not written

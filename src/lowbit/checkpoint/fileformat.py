@@ -93,5 +93,8 @@ def read_quant_map(path: str | os.PathLike) -> dict:
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise ValueError(f"{str(path)!r} has checkpoint format version {version!r}; this lowbit reads versions "
                          f"<= {FORMAT_VERSION}: upgrade lowbit (it was written by lowbit {qmap.get('lowbit_version')})")
+    missing = [k for k in ("layers", "specs", "fold_bn", "folded") if k not in qmap]
+    if missing:
+        raise ValueError(f"{str(path)!r}: the quantization map lacks {missing}; the file is damaged")
     return qmap
 

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..modules import ActQuantizer, QuantLayer, WeightQuantizer
+from ..ops import packing
 from ..quantize import QuantInfo, quant_layers, quantize
 from .fileformat import dtype_name, read_quant_map, spec_from_dict
 
@@ -46,15 +47,37 @@ def _restore_tensors(qmap: dict, tensors: dict[str, torch.Tensor]) -> dict[str, 
     return out
 
 
-def _rebuild_layer(layer: QuantLayer, entry: dict, tensors: dict[str, torch.Tensor], name: str) -> None:
+def _frozen_skeleton(layer: QuantLayer) -> None:
+    """Turn ``layer`` into a frozen layer with placeholder integer buffers (filled by load_state_dict).
+
+    Mirrors ``QuantLayer.freeze`` (same buffers, packed for <= 4 bits) without quantizing
+    ``model_like``'s float weight, which would cost a full quantization pass on every load.
+    """
+    spec = layer.weight_quant.spec
+    out, k = layer._gemm_shape()
+    device = layer.weight.device
+    if spec.bits <= 4:
+        codes = torch.zeros(packing.packed_numel(out * k, spec.bits), dtype=torch.uint8, device=device)
+    else:
+        codes = torch.zeros(out, k, dtype=spec.storage_dtype, device=device)
+    shape = spec.param_shape((out, k))
+    del layer.weight
+    layer.register_buffer("weight_codes", codes)
+    layer.register_buffer("weight_scale", torch.ones(shape, device=device))
+    layer.register_buffer("weight_zero_point", torch.zeros(shape, dtype=torch.int32, device=device))
+    layer.weight_quant.scale = layer.weight_quant.zero_point = None
+    layer.frozen = True
+
+
+def _rebuild_layer(layer: QuantLayer, entry: dict, specs: list, tensors: dict[str, torch.Tensor], name: str) -> None:
     w = entry["weight"]
-    layer.weight_quant = WeightQuantizer(spec_from_dict(w["spec"]), w["observer"], w["options"], ste=w["ste"])
+    layer.weight_quant = WeightQuantizer(specs[w["spec"]], w["observer"], w["options"], ste=w["ste"])
     layer.weight_quant.enabled = w["enabled"]
     a = entry["activation"]
     if a is None:
         layer.input_quant = None
     else:
-        layer.input_quant = ActQuantizer(spec_from_dict(a["spec"]), a["observer"], a["options"], ste=a["ste"])
+        layer.input_quant = ActQuantizer(specs[a["spec"]], a["observer"], a["options"], ste=a["ste"])
         layer.input_quant.enabled = a["enabled"]
         if a["qparams"]:
             layer.input_quant.set_qparams(tensors[f"{name}.input_quant.scale"], tensors[f"{name}.input_quant.zero_point"])
@@ -62,12 +85,7 @@ def _rebuild_layer(layer: QuantLayer, entry: dict, tensors: dict[str, torch.Tens
         raise ValueError(f"model_like does not fit the checkpoint: {name}.bias is "
                          f"{'present' if layer.bias is not None else 'absent'}, in the checkpoint it is not")
     if entry["frozen"]:
-        # build the integer buffers from a zero weight on the saved grid (cheap; overwritten below)
-        layer.weight = nn.Parameter(torch.zeros_like(layer.weight), requires_grad=False)
-        layer.weight_quant.fix_qparams(tensors[f"{name}.weight_scale"], tensors[f"{name}.weight_zero_point"])
-        aq, layer.input_quant = layer.input_quant, None   # freeze() insists on calibration; its grid is loaded
-        layer.freeze()
-        layer.input_quant = aq
+        _frozen_skeleton(layer)
         layer.weight_quant.fixed = w["fixed"]
     elif w["fixed"]:
         layer.weight_quant.fix_qparams(tensors[f"{name}.weight_quant.scale"], tensors[f"{name}.weight_quant.zero_point"])
@@ -113,6 +131,10 @@ def load(path: str | os.PathLike, model_like: nn.Module) -> nn.Module:
         raw = safetensors.torch.load_file(str(path))
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error type
         raise ValueError(f"{str(path)!r} could not be read as safetensors (damaged file?): {e}") from e
+    try:
+        specs = [spec_from_dict(d) for d in qmap["specs"]]
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{str(path)!r}: the quantization map has a malformed spec table ({e!r})") from e
     _check_architecture(qmap, model_like)
     tensors = _restore_tensors(qmap, raw)
     hint = ""
@@ -129,14 +151,14 @@ def load(path: str | os.PathLike, model_like: nn.Module) -> nn.Module:
                          f"the checkpoint has {names}")
     layers = dict(quant_layers(q))
     for name, entry in qmap["layers"].items():
-        _rebuild_layer(layers[name], entry, tensors, name)
+        _rebuild_layer(layers[name], entry, specs, tensors, name)
     _compare_keys(q.state_dict(), tensors, hint)
     q.load_state_dict(tensors, strict=True)   # copies into model_like's tensors: ties and device are kept
     info = qmap.get("info")
     if info is not None:
         q.lowbit_info = QuantInfo(
-            weights=spec_from_dict(info["weights"]),
-            activations=None if info["activations"] is None else spec_from_dict(info["activations"]),
+            weights=specs[info["weights"]],
+            activations=None if info["activations"] is None else specs[info["activations"]],
             observer=info["observer"], quantized=names, skipped=dict(info["skipped"]),
             folded=[tuple(p) for p in qmap["folded"]], uncalibrated=list(info["uncalibrated"]))
     q.train(qmap.get("training", False))

@@ -12,6 +12,7 @@ from torch import nn
 
 from ..modules import ActQuantizer, QuantLayer, WeightQuantizer
 from ..quantize import QuantInfo, quant_layers
+from ..spec import QuantSpec
 from .atomic import atomic_write
 from .fileformat import FORMAT_VERSION, META_KEY, dtype_name, spec_to_dict
 
@@ -24,12 +25,26 @@ def _serialize(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> by
     return safetensors.torch.save(tensors, metadata=metadata)
 
 
-def _quantizer_entry(qz, extra: dict) -> dict:
-    return {"spec": spec_to_dict(qz.spec), "observer": qz.observer if isinstance(qz, WeightQuantizer) else qz.observer_name,
+class _SpecTable:
+    """Each distinct spec once, in ``qmap["specs"]``; entries refer to it by index (keeps the header small)."""
+
+    def __init__(self) -> None:
+        self.specs: list[QuantSpec] = []
+
+    def ref(self, spec: QuantSpec | None) -> int | None:
+        if spec is None:
+            return None
+        if spec not in self.specs:
+            self.specs.append(spec)
+        return self.specs.index(spec)
+
+
+def _quantizer_entry(qz, table: _SpecTable, extra: dict) -> dict:
+    return {"spec": table.ref(qz.spec), "observer": qz.observer if isinstance(qz, WeightQuantizer) else qz.observer_name,
             "options": qz.observer_options, "ste": qz.ste, "enabled": qz.enabled, **extra}
 
 
-def _layer_entry(layer: QuantLayer) -> dict:
+def _layer_entry(layer: QuantLayer, table: _SpecTable) -> dict:
     aq = layer.input_quant
     return {
         "class": type(layer).__name__,
@@ -37,8 +52,8 @@ def _layer_entry(layer: QuantLayer) -> dict:
         "weight_shape": list(layer._weight_shape),
         "frozen": bool(layer.frozen),
         "bias": layer.bias is not None,
-        "weight": _quantizer_entry(layer.weight_quant, {"fixed": bool(layer.weight_quant.fixed)}),
-        "activation": None if aq is None else _quantizer_entry(aq, {"qparams": aq.scale is not None}),
+        "weight": _quantizer_entry(layer.weight_quant, table, {"fixed": bool(layer.weight_quant.fixed)}),
+        "activation": None if aq is None else _quantizer_entry(aq, table, {"qparams": aq.scale is not None}),
     }
 
 
@@ -108,20 +123,21 @@ def save(q: nn.Module, path: str | os.PathLike) -> Path:
 
     info: QuantInfo | None = getattr(q, "lowbit_info", None)
     tensors, extra = _collect(q)
+    table = _SpecTable()
     qmap = {
         "format": "lowbit", "format_version": FORMAT_VERSION, "lowbit_version": __version__,
         "model_class": type(q).__qualname__, "training": bool(q.training),
         "fold_bn": bool(info is not None and info.folded),
         "folded": [list(p) for p in info.folded] if info is not None else [],
         "info": None if info is None else {
-            "weights": spec_to_dict(info.weights),
-            "activations": None if info.activations is None else spec_to_dict(info.activations),
+            "weights": table.ref(info.weights), "activations": table.ref(info.activations),
             "observer": info.observer, "skipped": dict(info.skipped), "uncalibrated": list(info.uncalibrated)},
-        "layers": {name: _layer_entry(layer) for name, layer in layers},
+        "layers": {name: _layer_entry(layer, table) for name, layer in layers},
         **extra,
     }
+    qmap["specs"] = [spec_to_dict(spec) for spec in table.specs]
     try:
-        meta = json.dumps(qmap)
+        meta = json.dumps(qmap, separators=(",", ":"))
     except TypeError as e:
         raise TypeError(f"the quantization map is not JSON-serializable ({e}); observer_options must hold "
                         "plain numbers, strings, lists and dicts") from e
