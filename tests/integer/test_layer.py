@@ -10,6 +10,8 @@ from lowbit.integer import IntegerConv, IntegerLinear, from_quant_layer
 from lowbit.modules import QuantConv1d, QuantConv2d, QuantLinear
 from lowbit.ops.integer_math import quantize_multiplier, requantize
 
+pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same'")   # torch's note on even kernels
+
 U = 2.0 ** -24     # float32 unit roundoff
 
 W8C = lb.QuantSpec(bits=8, granularity=lb.PerChannel(0))
