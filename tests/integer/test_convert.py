@@ -99,6 +99,7 @@ def test_requantized_output_feeds_the_next_layer_exactly():
     assert first.output_grid[0] == second.input_spec
 
 
+@torch.no_grad()
 def test_options_and_models_that_do_not_fit():
     torch.manual_seed(0)
     x = torch.randn(8, 1, 8, 8)
@@ -145,6 +146,7 @@ def test_options_and_models_that_do_not_fit():
         to_integer(p, strict=True)
 
 
+@torch.no_grad()
 def test_residual_output_is_not_requantized():
     class Res(nn.Module):
         def __init__(self):
