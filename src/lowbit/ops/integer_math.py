@@ -142,8 +142,9 @@ _INT_MM: dict[str, bool] = {}
 def int_matmul(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype = torch.int32) -> torch.Tensor:
     """Exact integer matrix product ``a @ b`` (2-D, or 3-D batched) with ``out_dtype`` accumulation.
 
-    int8 x int8 -> int32 uses ``torch._int_mm`` (oneDNN/cuBLASLt int8 GEMM) where this torch has
-    it, otherwise torch's integer matmul in ``out_dtype``. The caller guarantees that no partial
+    On CPU, int8 x int8 -> int32 uses ``torch._int_mm`` (oneDNN, VNNI/AMX: by far the fastest
+    exact GEMM, see ``benchmarks/bench_integer.py``), otherwise torch's integer matmul in
+    ``out_dtype``. Other devices multiply in float64, which is exact below 2^53. The caller guarantees that no partial
     sum overflows ``out_dtype`` (int32 holds ``K * 128 * 128`` for ``K < 131072``).
     """
     if a.is_floating_point() or b.is_floating_point():
@@ -151,10 +152,15 @@ def int_matmul(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype = torch.
     if a.dim() != b.dim() or a.dim() not in (2, 3):
         raise ValueError(f"int_matmul takes two 2-D or two 3-D tensors, got shapes {tuple(a.shape)}, {tuple(b.shape)}")
     fast = (out_dtype == torch.int32 and a.dtype == torch.int8 and b.dtype == torch.int8
-            and _int_mm_works(a.device))
+            and a.device.type == "cpu" and _int_mm_works(a.device))
     if fast:
         if a.dim() == 2:
             return torch._int_mm(a, b)
         return torch.stack([torch._int_mm(a[i], b[i]) for i in range(a.shape[0])])
+    if a.device.type != "cpu":
+        # CUDA has no integer matmul; float64 is exact while every partial sum stays below 2^53
+        # (always, for sums that fit int32)
+        a, b = a.to(torch.float64), b.to(torch.float64)
+        return (a @ b if a.dim() == 2 else torch.bmm(a, b)).to(out_dtype)
     a, b = a.to(out_dtype), b.to(out_dtype)
     return a @ b if a.dim() == 2 else torch.bmm(a, b)
