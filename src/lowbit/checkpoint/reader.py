@@ -7,10 +7,12 @@ from pathlib import Path
 
 import safetensors.torch
 import torch
+
 from torch import nn
 
 from ..modules import ActQuantizer, QuantLayer, WeightQuantizer
 from ..ops import packing
+from ..qtensor import QTensor
 from ..quantize import QuantInfo, quant_layers, quantize
 from .fileformat import dtype_name, read_quant_map, spec_from_dict
 
@@ -61,12 +63,8 @@ def _frozen_skeleton(layer: QuantLayer) -> None:
     else:
         codes = torch.zeros(out, k, dtype=spec.storage_dtype, device=device)
     shape = spec.param_shape((out, k))
-    del layer.weight
-    layer.register_buffer("weight_codes", codes)
-    layer.register_buffer("weight_scale", torch.ones(shape, device=device))
-    layer.register_buffer("weight_zero_point", torch.zeros(shape, dtype=torch.int32, device=device))
-    layer.weight_quant.scale = layer.weight_quant.zero_point = None
-    layer.frozen = True
+    layer.set_frozen_weight(QTensor(codes, torch.ones(shape, device=device),
+                                    torch.zeros(shape, dtype=torch.int32, device=device), spec, (out, k), spec.bits <= 4))
 
 
 def _rebuild_layer(layer: QuantLayer, entry: dict, specs: list, tensors: dict[str, torch.Tensor], name: str) -> None:
