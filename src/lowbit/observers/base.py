@@ -62,7 +62,9 @@ class Observer:
     def _init_state(self, rows: torch.Tensor) -> None:
         raise NotImplementedError
 
-    def _update_rows(self, rows: torch.Tensor) -> None:
+    def _update_rows(self, rows: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, all_finite: bool) -> None:
+        """Fold in ``rows`` whose per-row finite extremes are ``lo``/``hi`` (``+inf``/``-inf`` for a
+        row without finite values); ``all_finite`` says no value needs masking."""
         raise NotImplementedError
 
     def _range(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,8 +113,14 @@ class Observer:
                     f"x of shape {tuple(x.shape)} gives {rows.shape[0]} scale rows for {self.spec.granularity!r}, "
                     f"but the first batch (shape {self._shape}) gave {expected}; keep the quantized axis the same"
                 )
-        self.nonfinite_count += int((~torch.isfinite(x)).sum())
-        self._update_rows(rows)
+        lo, hi = rows.amin(dim=1), rows.amax(dim=1)  # NaN and inf propagate: one cheap check
+        all_finite = bool(torch.isfinite(lo).all()) and bool(torch.isfinite(hi).all())
+        if not all_finite:
+            self.nonfinite_count += int((~torch.isfinite(x)).sum())
+            finite = torch.isfinite(rows)
+            lo = torch.where(finite, rows, torch.inf).amin(dim=1)
+            hi = torch.where(finite, rows, -torch.inf).amax(dim=1)
+        self._update_rows(rows, lo, hi, all_finite)
         self.batches += 1
         return self
 

@@ -12,7 +12,6 @@ import torch
 
 from ..ops.histogram import check_bins, grow_histogram, histogram_rows, span_exponent, span_of
 from .base import Observer, pick
-from .minmax import extremes
 
 __all__ = ["HistogramObserver"]
 
@@ -39,13 +38,12 @@ class HistogramObserver(Observer):
         self.counts = grow_histogram(self.counts, self.exponent, target)
         self.exponent = target
 
-    def _update_rows(self, rows: torch.Tensor) -> None:
-        lo, hi = extremes(rows)
+    def _update_rows(self, rows, lo, hi, all_finite) -> None:
         self.min = torch.minimum(self.min, lo.to(self.min.dtype))
         self.max = torch.maximum(self.max, hi.to(self.max.dtype))
         maxabs = torch.where(torch.isfinite(lo), torch.maximum(lo.abs(), hi.abs()), torch.zeros_like(lo))
         self._grow_to(span_exponent(maxabs))
-        self.counts += histogram_rows(rows, self.exponent, self.bins)
+        self.counts += histogram_rows(rows, self.exponent, self.bins, all_finite)
 
     def extremes(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-row finite ``(min, max)`` seen so far (0 for rows without data)."""

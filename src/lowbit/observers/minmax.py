@@ -13,15 +13,6 @@ from .base import Observer, pick
 __all__ = ["MinMax", "MaxAbs"]
 
 
-def extremes(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row min and max of the finite values; ``(+inf, -inf)`` for rows without any."""
-    if bool(torch.isfinite(rows).all()):
-        return torch.aminmax(rows, dim=1)
-    finite = torch.isfinite(rows)
-    return (torch.where(finite, rows, torch.inf).amin(dim=1),
-            torch.where(finite, rows, -torch.inf).amax(dim=1))
-
-
 class MinMax(Observer):
     """Range ``[min x, max x]`` over everything seen (affine grids widen it to contain 0)."""
 
@@ -32,8 +23,7 @@ class MinMax(Observer):
         self.min = torch.full((n,), torch.inf, dtype=rows.dtype, device=rows.device)
         self.max = torch.full((n,), -torch.inf, dtype=rows.dtype, device=rows.device)
 
-    def _update_rows(self, rows: torch.Tensor) -> None:
-        lo, hi = extremes(rows)
+    def _update_rows(self, rows, lo, hi, all_finite) -> None:
         self.min = torch.minimum(self.min, lo.to(self.min.dtype))
         self.max = torch.maximum(self.max, hi.to(self.max.dtype))
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import torch
 
 from .base import Observer, pick
-from .minmax import extremes
 
 __all__ = ["MovingAverage"]
 
@@ -42,8 +41,7 @@ class MovingAverage(Observer):
         self.max = torch.full((n,), -torch.inf, dtype=rows.dtype, device=rows.device)
         self.seen = torch.zeros(n, dtype=rows.dtype, device=rows.device)  # batches with data, per row
 
-    def _update_rows(self, rows: torch.Tensor) -> None:
-        lo, hi = extremes(rows)
+    def _update_rows(self, rows, lo, hi, all_finite) -> None:
         lo, hi = lo.to(self.min.dtype), hi.to(self.max.dtype)
         has = torch.isfinite(lo)
         first = has & (self.seen == 0)

@@ -84,8 +84,8 @@ def grow_histogram(counts: torch.Tensor, exponent: torch.Tensor, new_exponent: t
 def row_minmax(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """Per-row finite ``(min, max)`` (``(0, 0)`` for rows without a finite value) and whether every
     value was finite (then a single ``aminmax`` pass suffices)."""
-    if rows.numel() and bool(torch.isfinite(rows).all()):
-        lo, hi = torch.aminmax(rows, dim=1)
+    lo, hi = rows.amin(dim=1), rows.amax(dim=1)  # (amin/amax beat aminmax(dim) by 10x on CPU)
+    if bool(torch.isfinite(lo).all()) and bool(torch.isfinite(hi).all()):
         return lo, hi, True
     finite = torch.isfinite(rows)
     lo = torch.where(finite, rows, torch.inf).amin(dim=1)
@@ -109,8 +109,8 @@ def histogram_rows(rows: torch.Tensor, exponent: torch.Tensor, bins: int, all_fi
     v = x * inv_w.to(x.dtype).unsqueeze(1)  # exact: a power of two (or 0 for empty spans)
     if all_finite:
         v = v.floor_().clamp_(-(bins // 2), bins // 2 - 1)
-        if r * bins < (1 << 24) or v.dtype == torch.float64:
-            flat = v.add_(offsets.to(v.dtype)).to(torch.int64)
+        if r * bins < (1 << 24):  # integers stay exact in float32; int32 halves the traffic
+            flat = v.add_(offsets.to(v.dtype)).to(torch.int32)
         else:
             flat = v.to(torch.int64).add_(offsets)
     else:
