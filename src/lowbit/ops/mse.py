@@ -20,7 +20,7 @@ Two searches, both vectorised over rows (no Python loop over channels):
   contributes ``x^2``, and the rest the uniform rounding noise ``s^2 / 12`` (Widrow's model; the
   split into clipping and rounding noise as in Banner et al., "Post-training 4-bit quantization
   of convolution networks for rapid-deployment", NeurIPS 2019). A coarse grid of ``s`` is
-  refined once around its best point.
+  zoomed in twice around its best point (32 + 17 + 17 candidates, resolution 1/2048 of the range).
 """
 from __future__ import annotations
 
@@ -110,7 +110,7 @@ def _model_error(s, pos_steps, neg_steps, cum, span, bins):
 
 
 def mse_scale_histogram(counts: torch.Tensor, exponent: torch.Tensor, s_full: torch.Tensor,
-                        z: torch.Tensor, pos_steps: torch.Tensor, neg_steps: torch.Tensor,
+                        pos_steps: torch.Tensor, neg_steps: torch.Tensor,
                         candidates: int = 32, rounds: int = 3) -> torch.Tensor:
     """Modelled MSE-optimal scale per row from a histogram on ``[-2^e, 2^e]`` (see
     :mod:`lowbit.ops.histogram`), searched over ``s = a * s_full`` for ``a`` in ``(0, 1]``:

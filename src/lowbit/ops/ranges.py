@@ -64,7 +64,7 @@ def mse_from_histogram(counts: torch.Tensor, exponent: torch.Tensor, lo: torch.T
                        spec: QuantSpec, candidates: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """MSE range from a span-``2^e`` histogram (see :mod:`lowbit.ops.histogram`)."""
     s_full, z, pos, neg = grid_limits(lo, hi, spec)
-    s = mse_scale_histogram(counts, exponent, s_full, z, pos, neg, candidates)
+    s = mse_scale_histogram(counts, exponent, s_full, pos, neg, candidates)
     return _finish(s, z, lo, hi, spec)
 
 
