@@ -155,10 +155,11 @@ def _threads(n: int | None) -> Iterator[None]:
 
 def time_encode(model: nn.Module, sentences: list[str], *, repeats: int = 1, batch_size: int = 64,
                 threads: int | None = None) -> tuple[torch.Tensor, float]:
-    """``(embeddings, seconds)``: the best wall time of ``repeats`` encodes (after one warm-up batch)."""
+    """``(embeddings, seconds)``: the best wall time of ``repeats`` encodes of all ``sentences``
+    (after a warm-up encode of the first 8), on ``threads`` threads (None: torch's current count)."""
     texts = _check_texts(sentences)
     with _threads(threads):
-        encode(model, texts[:batch_size], batch_size)          # warm-up: allocator, kernels
+        encode(model, texts[:8], batch_size)                   # warm-up: allocator, kernels
         best, emb = float("inf"), None
         for _ in range(max(1, repeats)):
             t0 = time.perf_counter()
@@ -188,6 +189,9 @@ def evaluate_minilm(model: nn.Module, sentences: list[str] | None = None, *,
     texts = _check_texts(builtin_sentences() if sentences is None else sentences)
     if reference is None:
         reference = encode(load_minilm(), texts, batch_size)
+    elif not isinstance(reference, torch.Tensor) or reference.ndim != 2 or len(reference) != len(texts):
+        raise ValueError(f"reference must be the float embeddings of the same {len(texts)} sentences, shape "
+                         f"({len(texts)}, dim); got {getattr(reference, 'shape', type(reference).__name__)}")
     emb, seconds = time_encode(model, texts, repeats=repeats, batch_size=batch_size, threads=threads)
     if reference.shape != emb.shape:
         raise ValueError(f"reference has shape {tuple(reference.shape)} but the model gives {tuple(emb.shape)}; "
