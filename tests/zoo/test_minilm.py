@@ -14,15 +14,6 @@ from lowbit.zoo import minilm  # noqa: E402
 N = 24   # sentences per test: enough for a ranking, fast on 2 cores
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One thread per test process: the suite runs as ``pytest -n 2`` on 2 cores."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def model():
     return zoo.load_minilm()

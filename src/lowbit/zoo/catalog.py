@@ -3,10 +3,12 @@
 ``load_model(name)`` returns the trained model in eval mode, training it on first use (a few
 seconds on 2 cores) and loading it from the cache (:mod:`lowbit.zoo.cache`) afterwards. The weights
 are a pure function of the recipe below, the data and the torch version: two trainings give the
-same bits on the same machine and thread count.
+same bits on the same machine and thread count. The cache key covers the architecture, the recipe,
+the data (a SHA-256 of its tensors) and the torch major version.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from dataclasses import dataclass
@@ -87,10 +89,19 @@ def cache_path(name: str):
     """Where the trained weights of ``name`` live (exists once trained)."""
     e = _entry(name)
     model = build_model(name)
-    ds_source = load_dataset(e.dataset).source
+    data = load_dataset(e.dataset)
     key = cache_key(name=name, architecture=f"{type(model).__module__}.{type(model).__qualname__}\n{model!r}",
-                    dataset=ds_source, config=e.config.as_dict(), init_seed=e.init_seed, recipe=RECIPE_VERSION)
+                    dataset=data.source, data_sha256=_fingerprint(data), config=e.config.as_dict(),
+                    init_seed=e.init_seed, recipe=RECIPE_VERSION)
     return cache_dir() / f"{name}-{key}.pt"
+
+
+def _fingerprint(data: Dataset) -> str:
+    """SHA-256 of the data set's tensors: a new generator version that changes the data retrains."""
+    h = hashlib.sha256()
+    for t in (data.x_train, data.y_train, data.x_test, data.y_test):
+        h.update(t.contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def _train_and_save(name: str, path) -> dict:
