@@ -4,7 +4,7 @@ import pytest
 import torch
 
 
-@pytest.fixture(autouse=True, scope="module")
+@pytest.fixture(autouse=True, scope="session")
 def _one_thread():
     old = torch.get_num_threads()
     torch.set_num_threads(1)
