@@ -140,7 +140,7 @@ def test_nan_propagates_and_infinities_saturate():
     x = torch.tensor([math.nan, math.inf, -math.inf, 0.3], requires_grad=True)
     for scale in (torch.tensor(0.1), torch.tensor(0.1, requires_grad=True)):
         y = ops.fake_quantize(x, spec, scale, 0)
-        assert math.isnan(y[0].item()) if not y.requires_grad else math.isnan(y.detach()[0])
+        assert math.isnan(y.detach()[0])
         assert y.detach()[1:].tolist() == pytest.approx([127 * 0.1, -128 * 0.1, 0.3], abs=1e-6)
     y = ops.fake_quantize(x, spec, 0.1, 0, ste="clipped")
     y.backward(torch.ones(4))
@@ -158,7 +158,7 @@ def test_bad_ste_and_no_grad_paths():
 
 # ----------------------------------------------------------------------------- compiled == eager
 def test_compiled_kernels_are_bit_identical_to_eager(monkeypatch):
-    """Forces the torch.compile path on small tensors (in small chunks) and compares with eager."""
+    """Forces the torch.compile path on small tensors and compares it with the eager one."""
     gen = torch.Generator().manual_seed(7)
     x = torch.randn(3000, generator=gen) * 4
     x[::97] = (x[::97] / 0.05).round() * 0.05 + 0.025        # ties of x/s
@@ -166,7 +166,6 @@ def test_compiled_kernels_are_bit_identical_to_eager(monkeypatch):
     grouped = QuantSpec(bits=4, symmetric=False, granularity=PerGroup(64, -1))
     xg = x.reshape(30, 100)                                   # 2 groups per row, the second partial
     sg, zg = ops.choose_qparams(xg, grouped)
-    monkeypatch.setattr(kernels, "_CHUNK_ELEMS", 1024)        # several chunks, the last one short
     monkeypatch.setenv("LOWBIT_COMPILE_MIN_NUMEL", "0")
     runs = {}
     for mode in ("eager", "compiled"):
@@ -180,7 +179,7 @@ def test_compiled_kernels_are_bit_identical_to_eager(monkeypatch):
         if mode == "compiled":
             assert kernels.use_compiled("quantize", x) and not kernels._FAILED, kernels._FAILED
             x_nan = x.clone()
-            x_nan[2500] = math.nan                            # in a later chunk
+            x_nan[2500] = math.nan
             with pytest.raises(ValueError, match="NaN"):
                 ops.quantize(x_nan, QuantSpec(bits=8), 0.05, 3)
     for a, b in zip(runs["eager"], runs["compiled"]):

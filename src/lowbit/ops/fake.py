@@ -8,7 +8,7 @@ Backward (Bengio et al. 2013, "Estimating or propagating gradients through stoch
 rounding has zero gradient almost everywhere, so the STE treats it as the identity:
 
 * ``ste="identity"``: ``dL/dx = dL/dy`` everywhere (the gradient is passed through, not copied);
-* ``ste="clipped"``:  ``dL/dx = dL/dy`` where ``x`` was not saturated, 0 where it was (the
+* ``ste="clipped"``:  ``dL/dx = dL/dy * 1[x not saturated]`` (0 where it saturated; the
   forward keeps a 1-byte mask for this).
 
 If ``scale`` requires grad, the output is also differentiable in the scale with the LSQ gradient

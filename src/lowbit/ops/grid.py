@@ -160,9 +160,9 @@ def dequantize(q: torch.Tensor, spec: QuantSpec, scale, zero_point) -> torch.Ten
     scale_t = as_param(scale, "scale", torch.float32, q.device)
     out_dtype = scale_t.dtype if scale_t.is_floating_point() else torch.float32
     dtype = torch.float64 if out_dtype == torch.float64 else torch.float32
-    qv, s, z, finish = grid_operands(q, spec, scale_t, zero_point, z_dtype=torch.int32, dtype=dtype)
+    qv, s, z, finish = grid_operands(q, spec, scale_t, zero_point, dtype=dtype)
     if scale_t.requires_grad and torch.is_grad_enabled():  # differentiable in the scale
-        y = (qv.to(torch.int32) - z).to(dtype) * s
+        y = (qv.to(dtype) - z) * s                          # q - z is exact in float
     else:
         y = kernels.dequantize(qv, s, z)
     return finish(y).to(out_dtype)

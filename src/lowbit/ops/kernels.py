@@ -13,6 +13,7 @@ The formulas (ONNX QuantizeLinear / DequantizeLinear)::
     quantize:       q  (integer dtype)
     dequantize:     (q - z) * s
     fake_quantize:  (q - z) * s,   and for the clipped STE the 1-byte mask  v == q  ("not saturated")
+    clipped STE backward:  grad * mask
 
 Switches, read at every call:
 
@@ -40,8 +41,6 @@ __all__ = ["quantize", "dequantize", "fake_quantize", "mask_grad", "empty", "use
 log = logging.getLogger(__name__)
 
 DEFAULT_MIN_NUMEL = 1 << 22
-# quantize runs in chunks so that its NaN check re-reads each chunk from cache, not from memory
-_CHUNK_ELEMS = 1 << 20
 
 
 # --------------------------------------------------------------------------- eager kernels
@@ -56,27 +55,27 @@ def _quantize_into(x, s, z, lo, hi, out):
 
 
 def _fake_quantize_into(x, s, z, lo, hi, out):
-    v = x.to(s.dtype) / s
-    v.round_().add_(z).clamp_(lo, hi).sub_(z).mul_(s)
-    out.copy_(v)
+    out.copy_(x)  # exact conversion to the compute dtype; then everything happens in ``out``
+    out.div_(s).round_().add_(z).clamp_(lo, hi).sub_(z).mul_(s)
 
 
 def _fake_quantize_mask_into(x, s, z, lo, hi, out, mask):
-    v = x.to(s.dtype) / s
-    v.round_().add_(z)
-    q = torch.clamp(v, lo, hi)
-    mask.copy_(v == q)
-    q.sub_(z).mul_(s)
-    out.copy_(q)
+    out.copy_(x)
+    out.div_(s).round_().add_(z)
+    # v == clamp(v) exactly when lo <= v <= hi (NaN: neither); uint8 0/1, which Inductor
+    # vectorizes (a bool store it does not)
+    mask.copy_(torch.where((out >= lo) & (out <= hi), 1.0, 0.0))
+    out.clamp_(lo, hi).sub_(z).mul_(s)
 
 
 def _dequantize_into(q, s, z, out):
-    v = (q.to(torch.int32) - z).to(s.dtype)
-    out.copy_(v.mul_(s))
+    out.copy_(q)
+    out.sub_(z).mul_(s)  # q - z is an integer below 2^17: exact in float32
 
 
 def _mask_grad_into(grad, mask, out):
-    out.copy_(torch.where(mask, grad, torch.zeros((), dtype=grad.dtype, device=grad.device)))
+    out.copy_(mask)
+    out.mul_(grad)
 
 
 _EAGER: dict[str, Callable] = {
@@ -176,58 +175,41 @@ def quantize(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qmin: int, qmax:
              dtype: torch.dtype) -> tuple[torch.Tensor, bool]:
     """Codes ``clamp(round(x/s) + z, qmin, qmax)`` as ``dtype`` and whether ``x`` held a NaN.
 
-    ``s`` and ``z`` (float, compute dtype) broadcast against ``x`` without enlarging it.
+    ``s`` and ``z`` (float, compute dtype) broadcast against ``x`` without enlarging it. The NaN
+    check is a max-reduction inside the same kernel (one more read of ``x``, no extra launch).
     """
-    shape = _broadcast_shape(x, s, z)
-    out = empty(shape, dtype, x.device)
+    out = empty(_broadcast_shape(x, s, z), dtype, x.device)
     if out.numel() == 0:
         return out, False
     lo, hi = _bounds(qmin, qmax, s)
-    if shape != x.shape or not use_compiled("quantize", x) or x.dim() == 0:
-        flag = _run("quantize", x, x, s, z, lo, hi, out)
-        return out, bool(torch.isnan(flag))
-    # Compiled: chunks along dim 0, so the NaN reduction and the store read the same cached data.
-    rows = x.shape[0]
-    per_row = max(x.numel() // rows, 1)
-    step = max(_CHUNK_ELEMS // per_row, 1)
-    flags = []
-    for i in range(0, rows, step):
-        j = min(i + step, rows)
-        flags.append(_run("quantize", x, x[i:j], _rows(s, i, j, rows), _rows(z, i, j, rows),
-                          lo, hi, out[i:j]))
-    return out, bool(torch.isnan(torch.stack(flags)).any())
-
-
-def _rows(p: torch.Tensor, i: int, j: int, rows: int) -> torch.Tensor:
-    """Rows ``i:j`` of a parameter that broadcasts along dim 0 (kept whole if it has size 1 there)."""
-    if p.dim() == 0 or p.shape[0] == 1 or p.shape[0] != rows:
-        return p
-    return p[i:j]
+    flag = _run("quantize", x, x, s, z, lo, hi, out)
+    return out, bool(torch.isnan(flag))
 
 
 def fake_quantize(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qmin: int, qmax: int,
                   want_mask: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(clamp(round(x/s) + z) - z) * s`` in ``s``'s dtype, and the mask ``v == q`` if asked for."""
+    """``(clamp(round(x/s) + z) - z) * s`` in ``s``'s dtype and, if asked for, the uint8 mask
+    ``v == q`` (1 where ``x`` was not saturated)."""
     shape = _broadcast_shape(x, s, z)
     out = empty(shape, s.dtype, x.device)
     lo, hi = _bounds(qmin, qmax, s)
     if not want_mask:
         _run("fake_quantize", x, x, s, z, lo, hi, out)
         return out, None
-    mask = empty(shape, torch.bool, x.device)
+    mask = empty(shape, torch.uint8, x.device)
     _run("fake_quantize_mask", x, x, s, z, lo, hi, out, mask)
     return out, mask
 
 
 def dequantize(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """``(q - z) * s`` in ``s``'s dtype; ``z`` is an int32 tensor broadcasting against ``q``."""
+    """``(q - z) * s`` in ``s``'s dtype; ``z`` (integral, in ``s``'s dtype) broadcasts against ``q``."""
     out = empty(_broadcast_shape(q, s, z), s.dtype, q.device)
     _run("dequantize", q, q, s, z, out)
     return out
 
 
 def mask_grad(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``grad`` where ``mask`` holds, 0 elsewhere (a NaN gradient at a masked place becomes 0)."""
+    """``grad * mask`` for the 0/1 mask of :func:`fake_quantize` (a NaN gradient stays NaN, as in torch)."""
     out = empty(grad.shape, grad.dtype, grad.device)
     _run("mask_grad", grad, grad, mask, out)
     return out
