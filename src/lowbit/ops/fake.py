@@ -71,7 +71,7 @@ class _FakeQuantize(torch.autograd.Function):
             v = x.to(s.dtype) / s
             if qz is None:  # nearest rounding is deterministic: recompute instead of storing
                 qz = torch.clamp(torch.round(v) + z, *ctx.bounds) - z
-            slope = qz - torch.where(inside, v, torch.zeros((), dtype=v.dtype, device=v.device))
+            slope = qz - torch.where(inside.bool(), v, torch.zeros((), dtype=v.dtype, device=v.device))
             gs = (grad.to(s.dtype) * slope).sum_to_size(s.shape)
         return gx, gs, None, None, None, None, None, None
 
