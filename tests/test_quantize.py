@@ -100,3 +100,21 @@ def test_bad_input():
         lb.freeze(q)
     with pytest.raises(ValueError, match="already quantized"):
         lb.quantize(q)
+
+
+def test_a_layer_that_saw_no_data_stays_float_and_freezes():
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Linear(4, 4)
+            self.unused = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.body(x)
+
+    q = lb.quantize(TwoHeads(), activations=A8)
+    with lb.calibrate(q):
+        q(torch.randn(8, 4))
+    assert q.lowbit_info.uncalibrated == ["unused.input_quant"]
+    lb.freeze(q)
+    assert q.unused.frozen and not q.unused.input_quant.enabled

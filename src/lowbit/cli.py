@@ -48,23 +48,13 @@ def _fmt(v: object) -> str:
 
 
 # -- lowbit analyze ---------------------------------------------------------------------------
-# recipe name -> (weights, activations, observer); a local table until a shared recipes module exists
-ANALYZE_RECIPES = {
-    "w8a8": (QuantSpec(bits=8, granularity=PerChannel(0)), QuantSpec(bits=8, symmetric=False), "minmax"),
-    "w4a8": (QuantSpec(bits=4, granularity=PerChannel(0)), QuantSpec(bits=8, symmetric=False), "minmax"),
-    "w4g128": (QuantSpec(bits=4, granularity=PerGroup(128, -1)), None, "minmax"),
-    "w2a8": (QuantSpec(bits=2, granularity=PerChannel(0)), QuantSpec(bits=8, symmetric=False), "minmax"),
-}
-
-
 def _analyze(args: argparse.Namespace) -> dict:
     from pathlib import Path
 
-    from . import zoo
+    from . import recipes, zoo
     from .analysis import analyze
-    from .quantize import calibrate, quantize
 
-    weights, acts, observer = ANALYZE_RECIPES[args.recipe]
+    recipe = recipes.get(args.recipe)
     if args.samples < 1:
         raise ValueError(f"--samples must be >= 1, got {args.samples}")
     log.info("lowbit analyze: loading %s", args.model)
@@ -78,12 +68,8 @@ def _analyze(args: argparse.Namespace) -> dict:
         calib = zoo.calibration_batches(data)
         batches = list(data.x_test[: args.samples].split(256))
         labels, metric = data.y_test[: args.samples], "kl"
-    log.info("lowbit analyze: quantizing with %s", args.recipe)
-    q = quantize(model, weights=weights, activations=acts, observer=observer)
-    if acts is not None:
-        with calibrate(q):
-            for b in calib:
-                q(*b) if isinstance(b, tuple) else q(b)
+    log.info("lowbit analyze: quantizing with %s (%s)", recipe.name, recipe.description)
+    q = recipe.apply(model, calib, freeze=False)   # unfrozen: a mixed-precision plan can still be applied
     log.info("lowbit analyze: analysing %d layers on %d samples", len(q.lowbit_info.quantized),
              sum(len(b[0]["input_ids"]) if isinstance(b, tuple) else len(b) for b in batches))
     report = analyze(model, q, batches, labels=labels, metric=metric, budget=args.budget)
@@ -105,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=_grid_demo)
     an = sub.add_parser("analyze", help="where the quantization error comes from: report.json and report.html")
     an.add_argument("--model", choices=("digits", "mnist1d", "minilm"), default="digits", help="built-in model")
-    an.add_argument("--recipe", choices=sorted(ANALYZE_RECIPES), default="w8a8", help="quantization recipe")
+    an.add_argument("--recipe", default="w8a8", help="a named recipe of lowbit.recipes (w8a8, w4a8, w4g128, ...)")
     an.add_argument("--out", required=True, help="directory for report.json and report.html")
     an.add_argument("--samples", type=int, default=1000, help="test inputs (sentences for minilm) to analyse")
     an.add_argument("--budget", type=float, default=None,

@@ -4,7 +4,6 @@ import torch
 import lowbit as lb
 from lowbit import ops
 from lowbit.analysis import clip_sweep, error_anatomy, tensor_anatomy
-from lowbit.analysis.anatomy import _local_clip_sweep
 from lowbit.modules import WeightQuantizer
 
 
@@ -13,7 +12,7 @@ def test_the_sweep_matches_quant_error_at_each_clipping_range():
     x = torch.randn(4000, generator=g) ** 3
     spec = lb.QuantSpec(bits=4)
     ratios = (0.1, 0.25, 0.5, 1.0)
-    sw = _local_clip_sweep(x, spec, ratios)
+    sw = clip_sweep(x, spec, ratios)
     r = float(x.abs().max())
     for i, ratio in enumerate(ratios):   # oracle: a symmetric grid whose end code is ratio * max|x|
         scale = torch.tensor(ratio * r / spec.qmax)

@@ -26,8 +26,8 @@ from torch import nn
 
 from .. import ops
 from ..modules import ActQuantizer, QuantLayer, WeightQuantizer
-from ..ops.params import broadcast_param, from_rows, to_rows
-from ..ops.qparams import finite_minmax, range_to_qparams
+from ..ops.params import broadcast_param, to_rows
+from ..ops.qparams import finite_minmax
 from ..spec import PerChannel, PerTensor, QuantSpec
 from .batches import run_batch
 from .probe import weight_pairs
@@ -85,29 +85,6 @@ def _full_range(rows: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torc
     return torch.minimum(lo, torch.zeros_like(lo)), torch.maximum(hi, torch.zeros_like(hi))
 
 
-def _local_clip_sweep(x: torch.Tensor, spec: QuantSpec, ratios) -> dict[str, list[float]]:
-    rows = to_rows(x.detach().to(torch.float64), spec)
-    finite = torch.isfinite(rows)
-    n = max(int(finite.sum()), 1)
-    rows = torch.where(finite, rows, torch.zeros_like(rows))
-    lo, hi = _full_range(rows, spec)
-    out = {k: [] for k in ("ratio", "mse", "clip_mse", "round_mse", "clip_fraction")}
-    for r in ratios:
-        s, z = range_to_qparams(lo * r, hi * r, spec)
-        s, z = s.to(torch.float64)[:, None], z.to(torch.float64)[:, None]
-        v = torch.round(rows / s) + z
-        q = v.clamp(spec.qmin, spec.qmax)
-        err2 = ((q - z) * s - rows).square() * finite
-        clipped = (v != q) & finite
-        total, clip = float(err2.sum()) / n, float((err2 * clipped).sum()) / n
-        out["ratio"].append(float(r))
-        out["mse"].append(total)
-        out["clip_mse"].append(clip)
-        out["round_mse"].append(total - clip)
-        out["clip_fraction"].append(float(clipped.sum()) / n)
-    return out
-
-
 def _subsample(x: torch.Tensor, spec: QuantSpec, limit: int) -> torch.Tensor:
     """At most about ``limit`` elements of ``x`` for the sweep, keeping whole rows of the granularity."""
     if x.numel() <= limit:
@@ -119,34 +96,16 @@ def _subsample(x: torch.Tensor, spec: QuantSpec, limit: int) -> torch.Tensor:
     return x
 
 
-def _normalize_sweep(result: Any, ratios) -> dict[str, list[float]]:
-    keys = ("mse", "clip_mse", "round_mse", "clip_fraction")
-
-    def col(obj, k):
-        v = obj[k] if isinstance(obj, dict) else getattr(obj, k)
-        return [float(t) for t in (v.tolist() if isinstance(v, torch.Tensor) else v)]
-
-    if isinstance(result, (list, tuple)):  # one record per ratio
-        get = (lambda o, k: o[k]) if result and isinstance(result[0], dict) else getattr
-        out = {k: [float(get(o, k)) for o in result] for k in keys}
-    else:
-        out = {k: col(result, k) for k in keys}
-    out["ratio"] = [float(r) for r in ratios]
-    return out
-
-
 def clip_sweep(x: torch.Tensor, spec: QuantSpec, ratios=DEFAULT_RATIOS) -> dict[str, list[float]]:
     """mse / clip_mse / round_mse / clip_fraction of ``x`` for ranges ``ratio * R_max``.
 
-    Uses ``lowbit.ops.clip_sweep`` where it exists, otherwise the same computation here; tensors
-    larger than ``SWEEP_ELEMENTS`` are swept on a strided subsample (whole rows kept).
+    :func:`lowbit.ops.clip_sweep` as lists; tensors larger than ``SWEEP_ELEMENTS`` are swept on a
+    strided subsample (whole rows kept).
     """
     spec = spec.replace(rounding="nearest", dynamic=False)
-    x = _subsample(x, spec, SWEEP_ELEMENTS)
-    fn = getattr(ops, "clip_sweep", None)
-    if fn is not None:
-        return _normalize_sweep(fn(x, spec, torch.tensor(ratios, dtype=torch.float64)), ratios)
-    return _local_clip_sweep(x, spec, ratios)
+    sweep = ops.clip_sweep(_subsample(x, spec, SWEEP_ELEMENTS), spec, ratios).as_dict()
+    sweep["ratio"] = sweep.pop("ratios")
+    return sweep
 
 
 def _chosen_ratio(x: torch.Tensor, spec: QuantSpec, scale: torch.Tensor, zero_point: torch.Tensor) -> float:

@@ -1,17 +1,19 @@
 """Running a model on one batch, and reading its output as one tensor.
 
-A *batch* is what ``lb.analyze`` and the calibration APIs take (DESIGN.md): a tensor (``model(x)``),
-a tuple or list of positional arguments (``model(*args)``), or a dict of keyword arguments
-(``model(**kwargs)``). A model's *output* may be a tensor, a tuple/list (its first tensor is used),
-a dict or a ``ModelOutput``-like object (``logits``, then ``sentence_embedding``, then
-``last_hidden_state``, then its first tensor value).
+A *batch* is what ``lb.analyze`` and the calibration APIs take (see :mod:`lowbit.batches`): a
+tensor (``model(x)``), a tuple or list of positional arguments (``model(*args)``), or a dict of
+keyword arguments (``model(**kwargs)``). A model's *output* may be a tensor, a tuple/list (its
+first tensor is used), a dict or a ``ModelOutput``-like object (``logits``, then
+``sentence_embedding``, then ``last_hidden_state``, then its first tensor value).
 """
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import nn
+
+from .. import batches as _batches
 
 __all__ = ["run_batch", "output_tensor", "as_batch_list", "batch_size"]
 
@@ -19,15 +21,11 @@ _OUTPUT_KEYS = ("logits", "sentence_embedding", "last_hidden_state")
 
 
 def run_batch(model: nn.Module, batch: Any) -> Any:
-    """``model(batch)``, ``model(*batch)`` or ``model(**batch)`` by the batch's type."""
-    if isinstance(batch, torch.Tensor):
-        return model(batch)
-    if isinstance(batch, (tuple, list)):  # dicts inside are copied: some models add keys to them
-        return model(*[dict(v) if isinstance(v, dict) else v for v in batch])
-    if isinstance(batch, dict):
-        return model(**batch)
-    raise TypeError(f"a batch must be a tensor, a tuple of positional args or a dict of keyword args; "
-                    f"got {type(batch).__name__}")
+    """:func:`lowbit.batches.call` on the model's device; dicts inside a tuple batch are copied first
+    (a SentenceTransformer adds keys to the features dict it is given, and the batch is the user's)."""
+    if isinstance(batch, (tuple, list)):
+        batch = tuple(dict(v) if isinstance(v, dict) else v for v in batch)
+    return _batches.call(model, batch, _batches.model_device(model))
 
 
 def output_tensor(out: Any) -> torch.Tensor:
@@ -54,16 +52,8 @@ def output_tensor(out: Any) -> torch.Tensor:
 
 
 def as_batch_list(batches: Any, arg: str = "batches") -> list:
-    """``batches`` as a list of batches (a single tensor is refused: pass ``[x]`` for one batch)."""
-    if isinstance(batches, torch.Tensor):
-        raise TypeError(f"{arg} must be an iterable of batches; for a single batch pass [x] (a list holding the tensor)")
-    if isinstance(batches, (str, bytes, dict)) or not isinstance(batches, Iterable):
-        raise TypeError(f"{arg} must be an iterable of model inputs (tensors, tuples or dicts); "
-                        f"got {type(batches).__name__}")
-    out = list(batches)
-    if not out:
-        raise ValueError(f"{arg} is empty: pass at least one batch of model inputs")
-    return out
+    """``batches`` as a checked list (:func:`lowbit.batches.as_batches`)."""
+    return _batches.as_batches(batches, arg)
 
 
 def batch_size(batch: Any) -> int:

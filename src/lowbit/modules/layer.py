@@ -73,14 +73,21 @@ class QuantLayer(nn.Module):
         """Store the weight as integer codes and drop the float master copy (idempotent)."""
         if self.frozen:
             return
-        if self.input_quant is not None and not self.input_quant.calibrated:
+        aq = self.input_quant
+        if aq is not None and aq.enabled and not aq.calibrated:
             raise ValueError("this layer's input quantizer is not calibrated; run `with lb.calibrate(model): ...` "
                              "on some batches before lb.freeze")
-        qt = self.qweight
-        del self.weight
-        self.register_buffer("weight_codes", qt.data)
-        self.register_buffer("weight_scale", qt.scale)
-        self.register_buffer("weight_zero_point", qt.zero_point)
+        self.set_frozen_weight(self.qweight)
+
+    def set_frozen_weight(self, qweight: QTensor) -> None:
+        """Hold ``qweight`` (GEMM view) as the layer's integer weight and drop the float master copy."""
+        if tuple(qweight.shape) != self._gemm_shape():
+            raise ValueError(f"qweight has shape {tuple(qweight.shape)}, this layer needs {self._gemm_shape()}")
+        if "weight" in self._parameters:
+            del self.weight
+        self.register_buffer("weight_codes", qweight.data)
+        self.register_buffer("weight_scale", qweight.scale)
+        self.register_buffer("weight_zero_point", qweight.zero_point)
         self.weight_quant.scale = self.weight_quant.zero_point = None  # held once, as weight_scale
         self.frozen = True
 

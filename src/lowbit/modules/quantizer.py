@@ -21,24 +21,14 @@ from ..spec import PerToken, QuantSpec
 
 __all__ = ["Quantizer", "WeightQuantizer", "ActQuantizer", "make_observer", "OBSERVERS"]
 
-# observer name (as the CLI and lb.quantize take it) -> class name in lowbit.observers
-OBSERVERS = {
-    "minmax": "MinMax",
-    "maxabs": "MaxAbs",
-    "moving_average": "MovingAverage",
-    "percentile": "Percentile",
-    "mse": "MSE",
-    "entropy": "Entropy",
-}
+OBSERVERS = _observers.OBSERVERS  # name (as lb.quantize and the CLI take it) -> observer class
 
 
 def make_observer(name: str, spec: QuantSpec, **options):
     """Build the streaming observer called ``name`` for ``spec``."""
-    cls = getattr(_observers, OBSERVERS.get(name, ""), None)
-    if cls is None:
-        known = [n for n, c in OBSERVERS.items() if hasattr(_observers, c)]
-        raise ValueError(f"observer must be one of {known}, got {name!r}")
-    return cls(spec, **options)
+    if name not in OBSERVERS:
+        raise ValueError(f"observer must be one of {sorted(OBSERVERS)}, got {name!r}")
+    return OBSERVERS[name](spec, **options)
 
 
 class Quantizer(nn.Module):

@@ -1,31 +1,20 @@
-"""TEMPORARY stub (replaced by the observers branch): streaming MinMax / MaxAbs."""
-import torch
+"""Streaming range calibration: statistics of tensors -> ``(scale, zero_point)``.
 
-from ..ops import range_to_qparams
-from ..ops.params import from_rows, to_rows
-from ..ops.qparams import finite_minmax
+One small class per estimator, each built for a :class:`~lowbit.QuantSpec` (per-tensor,
+per-channel or per-group statistics from the first batch) with ``update(x)``, ``qparams()``,
+``merge(other)``, ``all_reduce(group)`` and ``state_dict()``; see :mod:`lowbit.observers.base`.
+``lowbit.ops.choose_qparams(x, spec, observer=name)`` is the one-shot form of each (``name`` is
+the class's ``method``).
+"""
+from .base import NotCalibratedError, Observer
+from .entropy import Entropy
+from .histogram import HistogramObserver
+from .minmax import MaxAbs, MinMax
+from .moving_average import MovingAverage
+from .mse import MSE
+from .percentile import Percentile
 
+OBSERVERS = {cls.method: cls for cls in (MinMax, MaxAbs, MovingAverage, Percentile, MSE, Entropy)}
 
-class MinMax:
-    def __init__(self, spec):
-        self.spec, self.lo, self.hi, self.shape = spec, None, None, None
-
-    def update(self, x):
-        rows = to_rows(x.detach().float(), self.spec)
-        lo, hi = finite_minmax(rows)
-        self.shape = x.shape
-        self.lo = lo if self.lo is None else torch.minimum(self.lo, lo)
-        self.hi = hi if self.hi is None else torch.maximum(self.hi, hi)
-
-    def qparams(self):
-        if self.lo is None:
-            raise ValueError("run calibration first")
-        s, z = range_to_qparams(self.lo, self.hi, self.spec)
-        return from_rows(s, self.shape, self.spec), from_rows(z, self.shape, self.spec)
-
-
-class MaxAbs(MinMax):
-    def update(self, x):
-        super().update(x)
-        r = torch.maximum(self.lo.abs(), self.hi.abs())
-        self.lo, self.hi = -r, r
+__all__ = ["Observer", "NotCalibratedError", "HistogramObserver", "MinMax", "MaxAbs", "MovingAverage",
+           "Percentile", "MSE", "Entropy", "OBSERVERS"]

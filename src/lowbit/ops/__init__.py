@@ -9,6 +9,8 @@ from .fake import STE_MODES, fake_quantize
 from .grid import dequantize, quantize, stochastic_round
 from .params import from_rows, to_rows
 from .qparams import RANGE_METHODS, choose_qparams, range_to_qparams
+from . import ranges as _ranges  # noqa: F401  (registers percentile, mse, entropy, moving_average)
+from .sweep import ClipSweep, clip_sweep
 
 __all__ = [
     "quantize",
@@ -19,6 +21,8 @@ __all__ = [
     "range_to_qparams",
     "quant_error",
     "QuantError",
+    "clip_sweep",
+    "ClipSweep",
     "to_rows",
     "from_rows",
     "RANGE_METHODS",

@@ -1,4 +1,25 @@
-"""Model transforms that make quantization work better (each optional and measured)."""
-from .fold_bn import find_conv_bn_pairs, fold_batchnorm
+"""Model transforms that make quantization work better (each optional and measured).
 
-__all__ = ["fold_batchnorm", "find_conv_bn_pairs"]
+* :func:`fold_batchnorm`: BatchNorm into the layer before it (``lb.quantize`` does it).
+* :func:`bound_activations`: ReLU -> ``clip(x, 0, limit)`` (:class:`BoundedReLU`); measure what a
+  bound clips with :func:`activation_clipping`.
+* :func:`equalize`: cross-layer equalization of ReLU networks (Nagel et al. 2019).
+* :func:`bias_correction`: remove the mean output shift of quantized layers (Nagel et al. 2019).
+* :func:`quantize_with`: float transforms -> quantize -> calibrate -> bias correction -> freeze, by name.
+
+Every transform returns a new model; its input is not modified (``fold_batchnorm`` excepted: it
+works in place, for ``lb.quantize``'s own copy).
+"""
+from .bias import bias_correction, output_bias
+from .bound import BoundedReLU, ClipStats, activation_clipping, bound_activations
+from .equalization import EqualizationPair, equalize, find_equalization_pairs
+from .fold_bn import find_conv_bn_pairs, fold_batchnorm
+from .pipeline import TRANSFORMS, apply_transforms, quantize_with, register_transform
+
+__all__ = [
+    "fold_batchnorm", "find_conv_bn_pairs",
+    "bound_activations", "BoundedReLU", "activation_clipping", "ClipStats",
+    "equalize", "find_equalization_pairs", "EqualizationPair",
+    "bias_correction", "output_bias",
+    "quantize_with", "apply_transforms", "register_transform", "TRANSFORMS",
+]

@@ -1,0 +1,100 @@
+"""The checkpoint format: specs as JSON, the safetensors header, the quantization map."""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import torch
+
+from ..spec import PerChannel, PerGroup, PerTensor, PerToken, QuantSpec
+
+__all__ = ["FORMAT_VERSION", "META_KEY", "spec_to_dict", "spec_from_dict", "dtype_name", "read_header", "read_quant_map"]
+
+FORMAT_VERSION = 1
+META_KEY = "lowbit"
+_MAX_HEADER = 100 * 1024 * 1024     # safetensors' own limit on the JSON header
+
+
+def spec_to_dict(spec: QuantSpec) -> dict:
+    """A JSON-able dict of every field of ``spec``."""
+    g = spec.granularity
+    gran: dict = {"type": type(g).__name__}
+    if isinstance(g, PerChannel):
+        gran["axis"] = g.axis
+    elif isinstance(g, PerGroup):
+        gran.update(size=g.size, axis=g.axis)
+    return {"bits": spec.bits, "signed": spec.signed, "symmetric": spec.symmetric, "granularity": gran,
+            "rounding": spec.rounding, "narrow_range": spec.narrow_range, "dynamic": spec.dynamic}
+
+
+def spec_from_dict(d: dict) -> QuantSpec:
+    """Inverse of :func:`spec_to_dict` (raises ``ValueError`` on an unknown granularity)."""
+    kinds = {"PerTensor": PerTensor, "PerChannel": PerChannel, "PerGroup": PerGroup, "PerToken": PerToken}
+    gran = dict(d["granularity"])
+    kind = kinds.get(gran.pop("type", None))
+    if kind is None:
+        raise ValueError(f"checkpoint names an unknown granularity {d['granularity']!r}")
+    fields = {k: d[k] for k in ("bits", "signed", "symmetric", "rounding", "narrow_range", "dynamic")}
+    return QuantSpec(granularity=kind(**gran), **fields)
+
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def read_header(path: Path) -> tuple[dict, int]:
+    """Parse and validate the safetensors header; returns (header, expected file size)."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{str(path)!r} is not a lowbit checkpoint: {size} bytes is too short for a "
+                             "safetensors file (truncated?)")
+        (n,) = struct.unpack("<Q", head)
+        start = f.read(min(n, 2))
+        if not start.startswith(b"{"):
+            raise ValueError(f"{str(path)!r} is not a safetensors file (no JSON header); lb.load reads files "
+                             "written by lb.save")
+        if n > _MAX_HEADER:
+            raise ValueError(f"{str(path)!r} is not a safetensors file (header length {n} is implausible)")
+        if 8 + n > size:
+            raise ValueError(f"{str(path)!r} is truncated: its header needs {8 + n} bytes, the file has {size}")
+        raw = start + f.read(n - len(start))
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{str(path)!r} is not a safetensors file (its header is not JSON: {e})") from e
+    if not isinstance(header, dict):
+        raise ValueError(f"{str(path)!r} is not a safetensors file (its header is not a JSON object)")
+    ends = [int(v["data_offsets"][1]) for k, v in header.items()
+            if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v]
+    expected = 8 + n + max(ends, default=0)
+    if size < expected:
+        raise ValueError(f"{str(path)!r} is truncated: the header describes {expected} bytes, the file has {size}")
+    return header, expected
+
+
+def read_quant_map(path: str | os.PathLike) -> dict:
+    """The quantization map (JSON metadata) of a checkpoint written by :func:`save`."""
+    path = Path(path)
+    header, _ = read_header(path)
+    meta = header.get("__metadata__") or {}
+    if META_KEY not in meta:
+        raise ValueError(f"{str(path)!r} is a safetensors file but not a lowbit checkpoint (no quantization map); "
+                         "for a float state dict use safetensors.torch.load_file and model.load_state_dict")
+    try:
+        qmap = json.loads(meta[META_KEY])
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{str(path)!r}: the quantization map is not valid JSON ({e})") from e
+    version = qmap.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ValueError(f"{str(path)!r} has checkpoint format version {version!r}; this lowbit reads versions "
+                         f"<= {FORMAT_VERSION}: upgrade lowbit (it was written by lowbit {qmap.get('lowbit_version')})")
+    missing = [k for k in ("layers", "specs", "fold_bn", "folded") if k not in qmap]
+    if missing:
+        raise ValueError(f"{str(path)!r}: the quantization map lacks {missing}; the file is damaged")
+    return qmap
+

@@ -1,0 +1,163 @@
+"""``lb.load``: rebuild a saved quantized model on a float model of the same architecture."""
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+
+import safetensors.torch
+import torch
+
+from torch import nn
+
+from ..modules import ActQuantizer, QuantLayer, WeightQuantizer
+from ..ops import packing
+from ..qtensor import QTensor
+from ..quantize import QuantInfo, quant_layers, quantize
+from .fileformat import dtype_name, read_quant_map, spec_from_dict
+
+__all__ = ["load"]
+
+
+def _check_architecture(qmap: dict, model_like: nn.Module) -> None:
+    modules = dict(model_like.named_modules())
+    hint = ""
+    if qmap.get("model_class") != type(model_like).__qualname__:
+        hint = f" (the checkpoint was saved from a {qmap.get('model_class')}, model_like is a {type(model_like).__qualname__})"
+    for name, entry in qmap["layers"].items():
+        m = modules.get(name)
+        if m is None:
+            raise ValueError(f"model_like does not fit the checkpoint: it has no module {name!r}, a quantized "
+                             f"{entry['float_class']} in the checkpoint{hint}")
+        if type(m).__name__ != entry["float_class"]:
+            raise ValueError(f"model_like does not fit the checkpoint: module {name!r} is a {type(m).__name__}, the "
+                             f"checkpoint holds a quantized {entry['float_class']}{hint}")
+        shape = list(getattr(m, "weight", torch.empty(0)).shape)
+        if shape != entry["weight_shape"]:
+            raise ValueError(f"model_like does not fit the checkpoint: {name}.weight has shape {shape}, the checkpoint's "
+                             f"has {entry['weight_shape']}{hint}")
+
+
+def _restore_tensors(qmap: dict, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = dict(tensors)
+    for key, dtype in qmap.get("casts", {}).items():
+        out[key] = out[key].to(getattr(torch, dtype))
+    for key, d in qmap.get("implied", {}).items():
+        out[key] = torch.full(d["shape"], d["value"], dtype=getattr(torch, d["dtype"]))
+    for key, canonical in qmap.get("aliases", {}).items():
+        out[key] = out[canonical]
+    return out
+
+
+def _frozen_skeleton(layer: QuantLayer) -> None:
+    """Turn ``layer`` into a frozen layer with placeholder integer buffers (filled by load_state_dict).
+
+    Mirrors ``QuantLayer.freeze`` (same buffers, packed for <= 4 bits) without quantizing
+    ``model_like``'s float weight, which would cost a full quantization pass on every load.
+    """
+    spec = layer.weight_quant.spec
+    out, k = layer._gemm_shape()
+    device = layer.weight.device
+    if spec.bits <= 4:
+        codes = torch.zeros(packing.packed_numel(out * k, spec.bits), dtype=torch.uint8, device=device)
+    else:
+        codes = torch.zeros(out, k, dtype=spec.storage_dtype, device=device)
+    shape = spec.param_shape((out, k))
+    layer.set_frozen_weight(QTensor(codes, torch.ones(shape, device=device),
+                                    torch.zeros(shape, dtype=torch.int32, device=device), spec, (out, k), spec.bits <= 4))
+
+
+def _rebuild_layer(layer: QuantLayer, entry: dict, specs: list, tensors: dict[str, torch.Tensor], name: str) -> None:
+    w = entry["weight"]
+    layer.weight_quant = WeightQuantizer(specs[w["spec"]], w["observer"], w["options"], ste=w["ste"])
+    layer.weight_quant.enabled = w["enabled"]
+    a = entry["activation"]
+    if a is None:
+        layer.input_quant = None
+    else:
+        layer.input_quant = ActQuantizer(specs[a["spec"]], a["observer"], a["options"], ste=a["ste"])
+        layer.input_quant.enabled = a["enabled"]
+        if a["qparams"]:
+            layer.input_quant.set_qparams(tensors[f"{name}.input_quant.scale"], tensors[f"{name}.input_quant.zero_point"])
+    if (layer.bias is not None) != entry["bias"]:
+        raise ValueError(f"model_like does not fit the checkpoint: {name}.bias is "
+                         f"{'present' if layer.bias is not None else 'absent'}, in the checkpoint it is not")
+    if entry["frozen"]:
+        _frozen_skeleton(layer)
+        layer.weight_quant.fixed = w["fixed"]
+    elif w["fixed"]:
+        layer.weight_quant.fix_qparams(tensors[f"{name}.weight_quant.scale"], tensors[f"{name}.weight_quant.zero_point"])
+
+
+def _compare_keys(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor], hint: str) -> None:
+    missing = [k for k in expected if k not in got]
+    unexpected = [k for k in got if k not in expected]
+    shapes = [f"{k}: checkpoint {tuple(got[k].shape)}, model_like {tuple(v.shape)}"
+              for k, v in expected.items() if k in got and tuple(v.shape) != tuple(got[k].shape)]
+    dtypes = [f"{k}: checkpoint {dtype_name(got[k].dtype)}, model_like {dtype_name(v.dtype)}"
+              for k, v in expected.items() if k in got and v.dtype != got[k].dtype]
+    problems = []
+    if missing:
+        problems.append(f"tensors model_like needs but the checkpoint lacks: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    if unexpected:
+        problems.append(f"tensors in the checkpoint that model_like has no place for: {unexpected[:5]}"
+                        f"{' ...' if len(unexpected) > 5 else ''}")
+    if shapes:
+        problems.append(f"shape mismatches: {shapes[:5]}{' ...' if len(shapes) > 5 else ''}")
+    if dtypes:
+        problems.append(f"dtype mismatches (convert model_like, e.g. model_like.float()): {dtypes[:5]}"
+                        f"{' ...' if len(dtypes) > 5 else ''}")
+    if problems:
+        raise ValueError("model_like does not fit the checkpoint" + hint + ": " + "; ".join(problems))
+
+
+def load(path: str | os.PathLike, model_like: nn.Module) -> nn.Module:
+    """Rebuild the quantized model saved at ``path`` on ``model_like`` (a float model of the same
+    architecture, left untouched) and return it; its outputs are bit-identical to the saved model's.
+
+    Raises ``ValueError`` naming what differs if the file is truncated, not a lowbit checkpoint,
+    or saved from a different architecture.
+    """
+    if not isinstance(model_like, nn.Module):
+        raise TypeError(f"model_like must be a torch.nn.Module (the float model), got {type(model_like).__name__}")
+    if any(isinstance(m, QuantLayer) for m in model_like.modules()):
+        raise ValueError("model_like must be the float model (lb.load quantizes it as the checkpoint says); "
+                         "got an already quantized model")
+    path = Path(path)
+    qmap = read_quant_map(path)
+    try:
+        raw = safetensors.torch.load_file(str(path))
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error type
+        raise ValueError(f"{str(path)!r} could not be read as safetensors (damaged file?): {e}") from e
+    try:
+        specs = [spec_from_dict(d) for d in qmap["specs"]]
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{str(path)!r}: the quantization map has a malformed spec table ({e!r})") from e
+    _check_architecture(qmap, model_like)
+    tensors = _restore_tensors(qmap, raw)
+    hint = ""
+    if qmap.get("model_class") != type(model_like).__qualname__:
+        hint = f" (saved from a {qmap.get('model_class')}, model_like is a {type(model_like).__qualname__})"
+
+    names = list(qmap["layers"])
+    q = quantize(model_like, include=[glob.escape(n) for n in names], fold_bn=qmap["fold_bn"])
+    if [list(p) for p in q.lowbit_info.folded] != qmap["folded"]:
+        raise ValueError(f"model_like does not fit the checkpoint{hint}: BatchNorm folding gave "
+                         f"{q.lowbit_info.folded}, the checkpoint folded {qmap['folded']}")
+    if sorted(q.lowbit_info.quantized) != sorted(names):
+        raise ValueError(f"model_like does not fit the checkpoint{hint}: quantized {q.lowbit_info.quantized}, "
+                         f"the checkpoint has {names}")
+    layers = dict(quant_layers(q))
+    for name, entry in qmap["layers"].items():
+        _rebuild_layer(layers[name], entry, specs, tensors, name)
+    _compare_keys(q.state_dict(), tensors, hint)
+    q.load_state_dict(tensors, strict=True)   # copies into model_like's tensors: ties and device are kept
+    info = qmap.get("info")
+    if info is not None:
+        q.lowbit_info = QuantInfo(
+            weights=specs[info["weights"]],
+            activations=None if info["activations"] is None else specs[info["activations"]],
+            observer=info["observer"], quantized=names, skipped=dict(info["skipped"]),
+            folded=[tuple(p) for p in qmap["folded"]], uncalibrated=list(info["uncalibrated"]))
+    q.train(qmap.get("training", False))
+    return q

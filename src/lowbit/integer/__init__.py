@@ -1,0 +1,12 @@
+"""Integer execution of frozen quantized models (a reference path, exact integer arithmetic).
+
+``lowbit.integer.to_integer(q)`` returns a copy of a frozen model whose quantized Linear/Conv1d/
+Conv2d layers compute with integer codes, an exact int32 GEMM, int32 bias and fixed-point
+requantization; see :mod:`lowbit.integer.layer` for the arithmetic and
+:mod:`lowbit.integer.convert` for how layers are linked.
+"""
+from .convert import IntegerInfo, link_output_grids, to_integer
+from .layer import IntegerConv, IntegerLayer, IntegerLinear, from_quant_layer, unsupported_reason
+
+__all__ = ["to_integer", "IntegerInfo", "IntegerLayer", "IntegerLinear", "IntegerConv", "from_quant_layer",
+           "unsupported_reason", "link_output_grids"]
