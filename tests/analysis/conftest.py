@@ -9,10 +9,6 @@ import lowbit as lb
 
 A8 = lb.QuantSpec(bits=8, symmetric=False)
 
-# These models are tiny: one intra-op thread per test process is fastest, and avoids the thread
-# oversubscription that made training 30x slower under `pytest -n 2` on a busy 2-core machine.
-torch.set_num_threads(1)
-
 
 class ResCNN(nn.Module):
     """conv-BN-ReLU, a residual block with BN, max and average pooling, a linear classifier."""

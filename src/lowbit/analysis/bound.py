@@ -33,7 +33,8 @@ from torch.fx.node import map_aggregate
 from ..modules import QuantLayer, Quantizer
 from .batches import output_tensor
 from .bound_back import Lin
-from .bound_rules import ROUNDING, V, Unsupported, arith, function_rule, method_rule, module_rule, unit_roundoff
+from .bound_dispatch import function_rule, method_rule, module_rule
+from .bound_rules import ROUNDING, V, Unsupported, arith, unit_roundoff
 from .probe import weight_pairs
 
 __all__ = ["BoundResult", "logit_bound"]
