@@ -268,7 +268,7 @@ def _chunks(q: nn.Module, graph: fx.Graph, pairs: dict, x: torch.Tensor, per: in
 
 @torch.no_grad()
 def logit_bound(float_model: nn.Module, q: nn.Module, x: torch.Tensor, rounding: str = "worst",
-                backward: bool = True) -> BoundResult:
+                backward: bool | str = "auto") -> BoundResult:
     """Per-input bound on ``max_k |q(x)_k - float_model(x)_k|``, and the certified inputs.
 
     Args:
@@ -277,12 +277,16 @@ def logit_bound(float_model: nn.Module, q: nn.Module, x: torch.Tensor, rounding:
             step (the certificate holds for any round-to-nearest implementation of the same grids,
             e.g. an integer kernel); ``"exact"``: the rounding ``q`` itself performs (a validated
             enclosure of this computation, much tighter, valid for ``q`` only).
-        backward: also run the backward (linear-relaxation) pass; False keeps the interval bound.
+        backward: also run the backward (linear-relaxation) pass (True), or not (False: the
+            interval bound only); ``"auto"`` runs it on the first chunk of inputs and keeps it
+            only if it tightens at least a tenth of their bounds by 10% or more.
     """
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1:
         raise TypeError("x must be a floating-point tensor batch [N, ...]; logit_bound takes a single input tensor")
     if rounding not in ROUNDING:
         raise ValueError(f"rounding must be one of {ROUNDING}, got {rounding!r}")
+    if backward not in (True, False, "auto"):
+        raise ValueError(f"backward must be True, False or 'auto', got {backward!r}")
     pairs = weight_pairs(float_model, q)
     modes = [(m, m.training) for m in (float_model, q)]
     float_model.eval()
@@ -301,7 +305,8 @@ def logit_bound(float_model: nn.Module, q: nn.Module, x: torch.Tensor, rounding:
                                "data-dependent control flow are not supported")
             graph = None
         if graph is not None:
-            per = _chunk_size(z_float, x, backward)
+            use_backward = backward is True or backward == "auto"
+            per = _chunk_size(z_float, x, use_backward)
             for i, (walk, out) in enumerate(_chunks(q, graph, pairs, x, per, rounding)):
                 if out is None:
                     unsupported.extend(walk.unsupported)
@@ -314,11 +319,14 @@ def logit_bound(float_model: nn.Module, q: nn.Module, x: torch.Tensor, rounding:
                 lo, hi = out.l(), out.h()
                 gap = (out.a - zf).abs()
                 ibounds.append(_per_input(torch.maximum(lo.abs(), hi.abs()) + gap))
-                if backward:
+                if use_backward:
                     rel = walk.backward(MAX_BACKWARD_OUTPUTS)
                     if rel is not None:
                         hi, lo = torch.minimum(hi, rel[0]), torch.maximum(lo, -rel[1])
                 bounds.append(_per_input(torch.maximum(lo.abs(), hi.abs()) + gap))
+                if backward == "auto" and i == 0 and use_backward:
+                    # keep paying for the backward pass only where it tightens the first chunk's bound
+                    use_backward = bool((bounds[0] < 0.9 * ibounds[0]).double().mean() > 0.1)
     finally:
         for m, was in modes:
             m.train(was)
