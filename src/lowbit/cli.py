@@ -55,6 +55,8 @@ def _analyze(args: argparse.Namespace) -> dict:
     from .analysis import analyze
 
     recipe = recipes.get(args.recipe)
+    if args.samples is None:
+        args.samples = 64 if args.model == "minilm" else 1000
     if args.samples < 1:
         raise ValueError(f"--samples must be >= 1, got {args.samples}")
     log.info("lowbit analyze: loading %s", args.model)
@@ -93,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--model", choices=("digits", "mnist1d", "minilm"), default="digits", help="built-in model")
     an.add_argument("--recipe", default="w8a8", help="a named recipe of lowbit.recipes (w8a8, w4a8, w4g128, ...)")
     an.add_argument("--out", required=True, help="directory for report.json and report.html")
-    an.add_argument("--samples", type=int, default=1000, help="test inputs (sentences for minilm) to analyse")
+    an.add_argument("--samples", type=int, default=None,
+                    help="test inputs to analyse (default 1000; for minilm, 64 sentences)")
     an.add_argument("--budget", type=float, default=None,
                     help="average bits per weight for a mixed-precision suggestion (e.g. 4)")
     an.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
