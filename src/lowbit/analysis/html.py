@@ -32,7 +32,7 @@ def _fmt(v: Any) -> str:
 def _table(rows: list[dict], keys: list[str] | None = None) -> str:
     if not rows:
         return "<p><small>(empty)</small></p>"
-    keys = keys or [k for k in rows[0] if k != "notes"]
+    keys = keys or [k for k in dict.fromkeys(k for r in rows for k in r) if k != "notes"]
     head = "".join(f"<th>{escape(k)}</th>" for k in keys)
     body = "".join("<tr>" + "".join(f"<td>{_fmt(r.get(k))}</td>" for k in keys) + "</tr>" for r in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
