@@ -18,16 +18,13 @@ NAME = "quantize"
 HELP = "quantize one model with one recipe and save the checkpoint"
 ORDER = 20
 
-#: per-kind handlers for built-in names: ``name -> fn(args) -> summary``; names missing here go to
-#: the generic built-in handler (lowbit.demo.BUILTIN_MODELS), "package.module:factory" to the user one
-HANDLERS: dict = {}
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..demo import BUILTIN_MODELS
     from ..recipes import names
 
     p.add_argument("--model", required=True, metavar="NAME|package.module:factory",
-                   help="a built-in model (digits, mnist1d) or a user model factory")
+                   help=f"a built-in model ({', '.join(sorted(BUILTIN_MODELS))}) or a user model factory")
     p.add_argument("--recipe", default="w8a8", metavar="NAME", help=f"one of {', '.join(names())} (default w8a8)")
     p.add_argument("--out", required=True, metavar="PATH", help="checkpoint to write (.safetensors); its directory must exist")
     p.add_argument("--state-dict", metavar="PATH", help="weights of a user model")
@@ -51,10 +48,11 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def _dispatch(args: argparse.Namespace, recipe) -> dict:
+    """``package.module:factory`` -> the user-model path; any other name -> the built-in model of
+    that name (``lowbit.demo.BUILTIN_MODELS``: each kind brings its loader, calibration batches and
+    metrics, so a new kind such as ``minilm`` registers there and needs nothing here)."""
     if is_factory(args.model):
         return _user(args, recipe)
-    if args.model in HANDLERS:
-        return HANDLERS[args.model](args)
     return _builtin(args, recipe)
 
 
