@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="show quantization at work")
     demo.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     demo.set_defaults(run=_grid_demo)
+    from .cli_train import add_parser as _add_train
+    _add_train(sub)
     return p
 
 
