@@ -35,15 +35,15 @@ from lowbit import zoo
 from lowbit.train import RunConfig, run
 
 QAT_ROWS = [  # (label, weight bits, RunConfig overrides)
-    ("W2A8 LSQ, nearest, STE", 2, {}),
-    ("W2A8 LSQ, stochastic, STE", 2, {"rounding": "stochastic"}),
-    ("W2A8 LSQ, nearest, noise", 2, {"surrogate": "noise"}),
-    ("W2A8 LSQ, stochastic, noise", 2, {"rounding": "stochastic", "surrogate": "noise"}),
-    ("W2A8 fixed PTQ grids, nearest, STE", 2, {"learn_scales": False}),
-    ("W2A8 LSQ weights + PACT acts, clipped STE", 2, {"act_learning": "pact", "ste": "clipped"}),
-    ("W3A8 LSQ, nearest, STE", 3, {}),
-    ("W3A8 LSQ, stochastic, STE", 3, {"rounding": "stochastic"}),
-    ("W3A8 LSQ, nearest, noise", 3, {"surrogate": "noise"}),
+    ("LSQ, nearest, STE", 2, {}),
+    ("LSQ, stochastic, STE", 2, {"rounding": "stochastic"}),
+    ("LSQ, nearest, noise", 2, {"surrogate": "noise"}),
+    ("LSQ, stochastic, noise", 2, {"rounding": "stochastic", "surrogate": "noise"}),
+    ("fixed PTQ grids, nearest, STE", 2, {"learn_scales": False}),
+    ("LSQ weights + PACT activations, clipped STE", 2, {"act_learning": "pact", "ste": "clipped"}),
+    ("LSQ, nearest, STE", 3, {}),
+    ("LSQ, stochastic, STE", 3, {"rounding": "stochastic"}),
+    ("LSQ, nearest, noise", 3, {"surrogate": "noise"}),
 ]
 
 
@@ -119,8 +119,8 @@ def main(argv=None) -> int:
                 r = run(cfg, out, model=model, dataset=data)
             accs.append(r["quantized"]["accuracy"])
             secs += [e["seconds"] for e in r["epochs"]]
-            print(f"  {label} seed {seed}: {100 * accs[-1]:.1f}%", file=sys.stderr)
-        rows.append({"method": f"{label} QAT {args.epochs} ep", "accuracy": summary(accs),
+            print(f"  W{bits}A8 {label} seed {seed}: {100 * accs[-1]:.1f}%", file=sys.stderr)
+        rows.append({"method": f"W{bits}A8 QAT: {label}", "accuracy": summary(accs),
                      "epoch_wall_s": statistics.median(secs)})
     for r in rows:
         r["vs_float"] = r["accuracy"]["mean"] - float_acc
@@ -128,9 +128,9 @@ def main(argv=None) -> int:
     total = {"wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0}
     result = {"model": "mnist1d", "float_accuracy": float_acc, "epochs": args.epochs, "seeds": args.seeds,
               "rows": rows, "epoch_cost": cost, "total": total, "torch": torch.__version__, "threads": 1}
-    md = [f"MNIST-1D CNN (zoo `mnist1d`, float {100 * float_acc:.1f}%), test accuracy (%), "
-          f"mean (min..max) over {args.seeds} seeds; `python benchmarks/bench_qat.py --epochs {args.epochs} "
-          f"--seeds {args.seeds}`", "",
+    md = [f"MNIST-1D CNN (zoo `mnist1d`, float {100 * float_acc:.1f}%), test accuracy (%) of the frozen integer "
+          f"model, mean (min..max) over {args.seeds} seeds, {args.epochs} QAT epochs; "
+          f"`python benchmarks/bench_qat.py --epochs {args.epochs} --seeds {args.seeds}`", "",
           "| method | accuracy % | vs float (points) |", "|---|---:|---:|"]
     md += [f"| {r['method']} | {fmt(r['accuracy'])} | {100 * r['vs_float']:+.1f} |" for r in rows]
     md += ["", "| seconds per training epoch (1 thread, median of 3) | wall | CPU |", "|---|---:|---:|",

@@ -147,6 +147,7 @@ def run(config: RunConfig, out_dir: str | os.PathLike, *, resume: bool = False,
         float_acc = zoo.evaluate(float_model, data.x_test, data.y_test)
         q = _ptq(float_model, config, data, rank, world, device)
         ptq_acc = zoo.evaluate(q, data.x_test, data.y_test)
+        ptq_digest = _digest_hash(q)
         prepare(q, config.qat_config())
         history: list[dict] = []
         start = 0
@@ -196,7 +197,7 @@ def run(config: RunConfig, out_dir: str | os.PathLike, *, resume: bool = False,
         frozen_acc = zoo.evaluate(q, data.x_test, data.y_test)
         result = {
             "model": config.model, "recipe": config.recipe(), "world_size": world,
-            "float": {"accuracy": float_acc}, "ptq": {"accuracy": ptq_acc},
+            "float": {"accuracy": float_acc}, "ptq": {"accuracy": ptq_acc, "qparams_sha256": ptq_digest},
             "quantized": {"accuracy": frozen_acc, "unfrozen_accuracy": qat_acc},
             "epochs": history, "resumed_after_epoch": start if saved is not None else None,
             "qparams_sha256": digest, "replicas_agree": agree,
