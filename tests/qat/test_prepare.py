@@ -190,3 +190,20 @@ def test_learned_steps_stay_positive():
     q.train()
     assert torch.isfinite(q(x)).all()
     assert (lb.qat.qparams(q)["0.weight.scale"] > 0).all()
+
+
+def test_grids_can_be_set_again_on_a_prepared_model():
+    q = _quantized()
+    lb.qat.prepare(q)
+    x, _ = _task(64)
+    with lb.calibrate(q):                                        # recalibration writes into the learned steps
+        q(x * 2)
+    assert isinstance(q[0].input_quant.scale, torch.nn.Parameter)
+    expected, _ = ops.choose_qparams(x * 2, q[0].input_quant.spec, "minmax")
+    assert torch.equal(q[0].input_quant.scale.detach(), expected.float())
+    w = q[3].weight
+    q[3].weight_quant.fix_qparams(torch.full((4,), 0.5), torch.zeros(4, dtype=torch.int32))  # as GPTQ does
+    assert isinstance(q[3].weight_quant.scale, torch.nn.Parameter)
+    assert torch.equal(lb.qat.qparams(q)["3.weight.scale"], torch.full((4,), 0.5))
+    assert torch.equal(q[3].weight_quant.eval()(w), ops.fake_quantize(w, q[3].weight_quant.spec, torch.full((4,), 0.5),
+                                                                     torch.zeros(4, dtype=torch.int32)))

@@ -103,6 +103,15 @@ class QATWeightQuantizer(_Training, WeightQuantizer):
         wv = self.gemm_view(weight)
         self.elements_per_scale = max(wv.numel() // math.prod(self.spec.param_shape(wv.shape)), 1)
 
+    def fix_qparams(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+        """Pin the grid; a learned step keeps learning from the new value."""
+        if isinstance(self.scale, nn.Parameter):
+            with torch.no_grad():
+                self.scale.copy_(scale.reshape(self.scale.shape))
+            self.zero_point = zero_point.detach().clone()
+            return
+        super().fix_qparams(scale, zero_point)
+
     def qparams(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if isinstance(self.scale, nn.Parameter):
             return _effective(self.scale).detach(), self.zero_point
