@@ -115,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, FileNotFoundError, ImportError) as e:
         print(f"lowbit {mod.NAME}: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    if result is None:  # nothing to report (e.g. a non-zero rank under torchrun)
+        return 0
     if args.json:
         json.dump(result, sys.stdout, indent=2)
         print()
