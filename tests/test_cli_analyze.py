@@ -24,7 +24,14 @@ def test_bad_arguments_fail_cleanly_and_write_nothing(tmp_path, capsys):
     out = tmp_path / "report"
     assert main(["analyze", "--recipe", "w3a3", "--out", str(out)]) == 2
     assert "recipe must be one of" in capsys.readouterr().err
-    assert main(["analyze", "--samples", "0", "--out", str(out)]) == 2
     assert not out.exists()
-    with pytest.raises(SystemExit):
-        main(["analyze", "--model", "imagenet", "--out", str(out)])
+    for bad in (["--samples", "0"], ["--model", "imagenet"]):
+        with pytest.raises(SystemExit):
+            main(["analyze", *bad, "--out", str(out)])
+    assert not out.exists()
+
+
+def test_human_readable_output(tmp_path, capsys):
+    assert main(["analyze", "--model", "digits", "--samples", "60", "--out", str(tmp_path), "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "KL" in text and "certified" in text and "features.0.0" in text and "report.html" in text
