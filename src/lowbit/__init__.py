@@ -1,5 +1,6 @@
 """lowbit: quantize PyTorch models onto small integer grids, understand the error, ship the result."""
 from . import modules, observers, ops, transforms
+from .gptq import GPTQReport, gptq
 from .qtensor import QTensor
 from .quantize import QuantInfo, calibrate, freeze, quant_layers, quantize
 from .spec import PerChannel, PerGroup, PerTensor, PerToken, QuantSpec
@@ -9,6 +10,6 @@ __version__ = "0.1.0"
 __all__ = [
     "ops", "observers", "modules", "transforms",
     "QTensor", "QuantSpec", "PerTensor", "PerChannel", "PerGroup", "PerToken",
-    "quantize", "calibrate", "freeze", "quant_layers", "QuantInfo",
+    "quantize", "calibrate", "freeze", "quant_layers", "QuantInfo", "gptq", "GPTQReport",
     "__version__",
 ]

@@ -9,6 +9,7 @@ from .fake import STE_MODES, fake_quantize
 from .grid import dequantize, quantize, stochastic_round
 from .params import from_rows, to_rows
 from .qparams import RANGE_METHODS, choose_qparams, range_to_qparams
+from . import hqq as _hqq  # noqa: E402,F401  registers the "hqq" range method
 
 __all__ = [
     "quantize",
