@@ -117,8 +117,6 @@ def _quantize_layer(name: str, layer: QuantLayer, hess: Hessian, damp: float, bl
     hsum = hess.sum
     groups = hsum.shape[0]
     rows = w.shape[0]
-    if rows % groups:
-        raise ValueError(f"gptq: layer {name!r} has {rows} output rows for {groups} groups")
     # round to nearest on the layer's own grid, for the report
     s_rtn, z_rtn = wq_mod.qparams(layer.weight)
     w_rtn = ops.fake_quantize(w, spec.replace(rounding="nearest"), s_rtn, z_rtn)
@@ -137,15 +135,13 @@ def _quantize_layer(name: str, layer: QuantLayer, hess: Hessian, damp: float, bl
         scale, zero_point = scales[0], zps[0]
     else:
         scale, zero_point = torch.cat(scales), torch.cat(zps)
-    power = output_error(w, hsum, hess.n)
-    report = LayerReport(name=name, rows=rows, columns=w.shape[1], samples=hess.n,
-                         rtn_error=output_error(w - w_rtn, hsum, hess.n),
-                         gptq_error=output_error(w - w_q, hsum, hess.n), output_power=power,
-                         damp=max(lams), seconds=0.0)
+    errors = {"rtn_error": output_error(w - w_rtn, hsum, hess.n), "gptq_error": output_error(w - w_q, hsum, hess.n),
+              "output_power": output_error(w, hsum, hess.n)}
     with torch.no_grad():
         layer.weight.copy_(w_q.reshape(weight.shape).to(weight.dtype))
     wq_mod.fix_qparams(scale, zero_point)
-    return LayerReport(**{**report.__dict__, "seconds": time.perf_counter() - t0})
+    return LayerReport(name=name, rows=rows, columns=w.shape[1], samples=hess.n, damp=max(lams),
+                       seconds=time.perf_counter() - t0, **errors)
 
 
 def gptq(q: nn.Module, batches: Iterable, *, damp: float = 0.01, block_size: int = 128, act_order: bool = False,
@@ -196,6 +192,11 @@ def gptq(q: nn.Module, batches: Iterable, *, damp: float = 0.01, block_size: int
     hooks = [layer.register_forward_pre_hook(collector) for layer in pending]
     was_training = q.training
     q.eval()
+    # During the passes the selected layers run on their float master weights: a finished layer's
+    # weight is exactly on its pinned grid (fake quantization would return it unchanged), and a
+    # pending layer's output is never used before the pass stops. This skips the fake quantization.
+    for layer in pending:
+        layer.weight_quant.enabled = False
     ok = False
     try:
         while pending:
@@ -219,6 +220,8 @@ def gptq(q: nn.Module, batches: Iterable, *, damp: float = 0.01, block_size: int
     finally:
         for h in hooks:
             h.remove()
+        for layer in backup:
+            layer.weight_quant.enabled = True
         q.train(was_training)
         if not ok:
             with torch.no_grad():

@@ -19,10 +19,9 @@ def output_error(dw: torch.Tensor, hsum: torch.Tensor, n: int) -> float:
     """``tr(dW_g S_g dW_g^T) / n`` summed over GEMM groups; ``dw`` is ``[rows, d]``, ``hsum`` ``[groups, d, d]``."""
     if n == 0:
         return 0.0
-    dw = dw.to(torch.float64)
-    chunks = dw.reshape(hsum.shape[0], -1, dw.shape[1])
-    s = hsum.to(torch.float64)
-    return float(((chunks @ s) * chunks).sum()) / n
+    dtype = torch.float64 if torch.float64 in (dw.dtype, hsum.dtype) else torch.float32
+    chunks = dw.to(dtype).reshape(hsum.shape[0], -1, dw.shape[1])
+    return float(((chunks @ hsum.to(dtype)) * chunks).sum(dtype=torch.float64)) / n
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,9 @@ Rows are independent and share ``H``. GPTQ quantizes the columns in one fixed or
 
 With a fixed order the rows of the successive downdated inverses are the rows of the upper
 Cholesky factor ``U`` of ``H^-1`` (``H^-1 = U^T U``): ``[H_F^-1]_{q, F} = U_qq U_{q, F}``, so the update
-is ``w_F -= (w_q - quant(w_q)) / U_qq * U_{q, F}``. Updates are applied lazily: inside a block of
-``block_size`` columns immediately, to the columns after the block once per block (one GEMM).
+is ``w_F -= (w_q - quant(w_q)) / U_qq * U_{q, F}``. Updates are applied lazily: the columns after a block of
+``block_size`` columns receive the block's updates once (one GEMM); inside the block, each column
+gathers the updates of the block's earlier columns when its turn comes (one GEMV).
 
 Numerics: ``H`` is damped by ``damp * mean(diag H)`` on the diagonal (retried with 10x more if
 the Cholesky factorization fails); a *dead* input (``H_ii = 0``, never non-zero in calibration)
@@ -61,22 +62,25 @@ def check_spec(spec: QuantSpec) -> None:
 
 
 def inverse_hessian_factor(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor ``U`` of ``(H + lambda I)^-1`` (float64) and the ``lambda`` used.
+    """Upper Cholesky factor ``U`` of ``(H + lambda I)^-1`` (``U^T U = (H + lambda I)^-1``) and ``lambda``.
 
-    ``h`` must already have its dead diagonal entries set. ``lambda = damp * mean(diag H)``,
-    multiplied by 10 (up to 6 times) while ``H + lambda I`` is not numerically positive definite.
+    With ``J`` the order-reversing permutation and ``J H J = L L^T`` (Cholesky), ``U = J L^-1 J``:
+    it is upper triangular with a positive diagonal and ``U^T U = J L^-T L^-1 J = H^-1``; one
+    factorization and one triangular inverse. Computed in float64. ``h`` must already have its
+    dead diagonal entries set. ``lambda = damp * mean(diag H)``, multiplied by 10 (up to 6 times)
+    while ``H + lambda I`` is not numerically positive definite.
     """
     h = h.to(torch.float64)
     d = h.shape[0]
     mean_diag = float(h.diagonal().mean())
     lam = damp * mean_diag
     eye = torch.eye(d, dtype=torch.float64, device=h.device)
+    rev = h.flip(0, 1)
     for _ in range(7):
-        chol, info = torch.linalg.cholesky_ex(h + lam * eye)
+        chol, info = torch.linalg.cholesky_ex(rev + lam * eye)
         if int(info) == 0:
-            hinv = torch.cholesky_inverse(chol)
-            u, info = torch.linalg.cholesky_ex(hinv, upper=True)
-            if int(info) == 0 and bool(torch.isfinite(u).all()):
+            u = torch.linalg.solve_triangular(chol, eye, upper=False).flip(0, 1)
+            if bool(torch.isfinite(u).all()):
                 return u, lam
         lam = max(lam * 10.0, 1e-6 * max(mean_diag, 1e-12))
         log.warning("gptq: Hessian not positive definite, retrying with damping %.3g", lam)
@@ -133,41 +137,40 @@ def solve(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, observer: str = "mi
         scale, zero_point = _fit(w, spec, observer, options)
     row_spec = _row_spec(spec)
 
-    def column_grid(j: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if grouped:
-            g = j // size
-            return scale[:, g].to(dtype), zero_point[:, g].to(dtype)
-        return scale.to(dtype).expand(rows), zero_point.to(dtype).expand(rows)
+    # per-column grid, in the compute dtype: one row of (scale, zero point) per group (or one in all)
+    sc = scale.to(dtype).reshape(rows, -1).T.contiguous() if scale.dim() else scale.to(dtype).expand(1, rows)
+    zc = zero_point.to(dtype).reshape(rows, -1).T.contiguous() if zero_point.dim() else \
+        zero_point.to(dtype).expand(1, rows)
 
-    work = (w[:, perm] if perm is not None else w).clone()
+    # transposed layout: column j of W is the contiguous row j of work
+    work = (w[:, perm] if perm is not None else w).T.contiguous()
     out = torch.empty_like(work)
+    ut = u.T.contiguous()  # ut[i2:, i1:i2] = U[i1:i2, i2:]^T
+    diag = u.diagonal().tolist()
     qmin, qmax = float(spec.qmin), float(spec.qmax)
     for i1 in range(0, d, block_size):
         i2 = min(i1 + block_size, d)
-        w1 = work[:, i1:i2].clone()
-        err1 = torch.zeros_like(w1)
-        u1 = u[i1:i2, i1:i2]
+        err1 = torch.zeros(i2 - i1, rows, dtype=dtype, device=w.device)
         for i in range(i2 - i1):
             col = i1 + i
             j = int(perm[col]) if perm is not None else col
-            if grouped and not act_order and j % size == 0:
-                end = min(j + size, d)
-                cur = w1[:, i:min(end, i2) - i1]
-                if end > i2:  # the group reaches past this block: add the block's pending updates
-                    beyond = work[:, i2:end] - err1[:, :i] @ u[i1:col, i2:end]
-                    cur = torch.cat([cur, beyond], dim=1)
-                s_g, z_g = _fit(cur, row_spec, observer, options)
-                scale[:, j // size], zero_point[:, j // size] = s_g, z_g
-            s, z = column_grid(j)
-            x = w1[:, i]
-            q = torch.clamp(torch.round(x / s) + z, qmin, qmax)
-            xq = (q - z) * s  # the arithmetic of ops.fake_quantize, so w_q is exactly on the grid
-            out[:, col] = xq
-            e = (x - xq) / u1[i, i]
-            w1[:, i + 1:] -= e[:, None] * u1[i, i + 1:][None, :]
-            err1[:, i] = e
+            g = j // size if grouped else 0
+            if grouped and not act_order and j % size == 0:  # a group starts: fit its grid now,
+                end = min(j + size, d)                      # to its weights with pending updates applied
+                cur = work[col:end] - ut[col:end, i1:col] @ err1[:i] if i else work[col:end]
+                s_g, z_g = _fit(cur.T, row_spec, observer, options)
+                scale[:, g], zero_point[:, g] = s_g, z_g
+                sc[g], zc[g] = s_g.to(dtype), z_g.to(dtype)
+            s, z = sc[g], zc[g]
+            # the column with the updates of this block's earlier columns (left-looking)
+            x = torch.addmv(work[col], err1[:i].T, u[i1:col, col], alpha=-1.0) if i else work[col]
+            # the arithmetic of ops.fake_quantize, so that the result is exactly on the grid
+            xq = torch.round(x / s).add_(z).clamp_(qmin, qmax).sub_(z).mul_(s)
+            out[col] = xq
+            torch.sub(x, xq, out=err1[i]).div_(diag[col])
         if i2 < d:
-            work[:, i2:] -= err1 @ u[i1:i2, i2:]
+            work[i2:].addmm_(ut[i2:, i1:i2], err1, alpha=-1.0)
+    out = out.T
     if perm is not None:
         out = out[:, torch.argsort(perm)]
     return out, scale, zero_point, lam
