@@ -5,7 +5,7 @@ quality measure is the cosine similarity of each sentence embedding to the float
 real English sentences available offline (the text of CPython's ``pydoc_data.topics``, split into
 sentences); GPTQ is calibrated on sentences disjoint from the evaluation ones.
 
-    python benchmarks/bench_gptq.py [--eval 512] [--calib 128] [--groups 128 32] [--quick]
+    python benchmarks/bench_gptq.py [--eval 512] [--calib 512] [--groups 128 32] [--sym asym sym] [--quick]
 
 Prints one row per (method, group size): mean and min cosine to float, and the seconds the
 quantization took (GPTQ: the whole sequential run, calibration forwards included).
@@ -129,9 +129,9 @@ def run(args) -> list[tuple]:
             if "mse" in ops.RANGE_METHODS:
                 measure(f"rtn mse {tag}", group, lambda: rtn("mse"))
             measure(f"gptq minmax {tag}", group, gptq)
+            measure(f"gptq act_order {tag}", group, lambda: gptq(act_order=True))
             if args.quick:
                 continue
-            measure(f"gptq act_order {tag}", group, lambda: gptq(act_order=True))
             measure(f"gptq hqq grid {tag}", group, lambda: gptq("hqq"))
             if "mse" in ops.RANGE_METHODS:
                 measure(f"gptq mse grid {tag}", group, lambda: gptq("mse"))
@@ -142,11 +142,11 @@ def run(args) -> list[tuple]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--eval", type=int, default=512)
-    p.add_argument("--calib", type=int, default=128)
+    p.add_argument("--calib", type=int, default=512)
     p.add_argument("--groups", type=int, nargs="+", default=[128, 32])
     p.add_argument("--sym", type=lambda s: s == "sym", nargs="+", default=[False],
                    help="grid kinds to run: asym and/or sym")
-    p.add_argument("--quick", action="store_true", help="only rtn, hqq and plain gptq")
+    p.add_argument("--quick", action="store_true", help="only rtn, hqq, gptq and gptq with act_order")
     rows = run(p.parse_args())
     print(f"\n{'method':<34} {'group':>5} {'mean cos':>9} {'min cos':>8} {'seconds':>8}")
     for label, group, mean, mn, secs, _ in rows:

@@ -26,7 +26,8 @@ def output_error(dw: torch.Tensor, hsum: torch.Tensor, n: int) -> float:
 
 @dataclass(frozen=True)
 class LayerReport:
-    """One layer: ``rows x columns`` GEMM weight, ``samples`` input vectors seen, errors as above."""
+    """One layer: ``rows x columns`` GEMM weight, ``samples`` input vectors seen, errors as above,
+    ``damp`` the absolute diagonal damping ``lambda`` added to ``H`` (largest over conv groups)."""
 
     name: str
     rows: int
