@@ -1,6 +1,7 @@
 """lowbit: quantize PyTorch models onto small integer grids, understand the error, ship the result."""
-from . import integer, modules, observers, ops, transforms
+from . import export, integer, modules, observers, ops, transforms
 from .checkpoint import load, save
+from .export import export_onnx
 from .qtensor import QTensor
 from .quantize import QuantInfo, calibrate, freeze, quant_layers, quantize
 from .spec import PerChannel, PerGroup, PerTensor, PerToken, QuantSpec
@@ -10,6 +11,6 @@ __version__ = "0.1.0"
 __all__ = [
     "ops", "observers", "modules", "transforms",
     "QTensor", "QuantSpec", "PerTensor", "PerChannel", "PerGroup", "PerToken",
-    "quantize", "calibrate", "freeze", "quant_layers", "QuantInfo", "save", "load", "integer",
+    "quantize", "calibrate", "freeze", "quant_layers", "QuantInfo", "save", "load", "integer", "export", "export_onnx",
     "__version__",
 ]
