@@ -100,3 +100,14 @@ def test_bad_input():
     with pytest.raises(ValueError, match="no quantized layer"):
         fast(nn.Linear(2, 2))
     assert x.shape == (2, 48)
+
+
+def test_auto_picks_onnx_runtime_when_it_can_export():
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from lowbit.export import OrtModule
+
+    x = _x(2, 3, 48)
+    q = _frozen(_model(), x, ACTS["token-sym"])
+    assert isinstance(fast(q, example_inputs=x, threads=1), OrtModule)
+    assert isinstance(fast(q)[0], FastLinear)           # nothing to trace with: torch

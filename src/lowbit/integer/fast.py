@@ -1,14 +1,16 @@
 """``fast(q)``: run a frozen quantized model fast on the CPU, computing what it computes.
 
-Two backends, chosen by measurement (``benchmarks/bench_fast.py``: all-MiniLM-L6-v2, 512 sentences):
+Two backends, chosen by measurement (``benchmarks/bench_fast.py``: all-MiniLM-L6-v2, 512 sentences,
+2 threads; ONNX Runtime is the fastest by far, so ``"auto"`` picks it when it can):
 
-* ``"torch"`` (default): a copy of ``q`` in which every Linear with int8-able grids becomes a
+* ``"ort"``: the model exported with ``MatMulInteger`` for its int8-able Linear layers and QDQ for
+  the rest (:func:`lowbit.export.export_onnx` with ``integer=True``) and run by ONNX Runtime
+  (:func:`lowbit.export.ort_module`); needs ``example_inputs`` and the ``onnx`` extra.
+* ``"torch"``: a copy of ``q`` in which every Linear with int8-able grids becomes a
   :class:`FastLinear`, an int8 x int8 -> int32 GEMM (``torch._int_mm``: oneDNN, VNNI/AMX) on
   lowbit's own codes; every other frozen layer keeps its float operation on a weight dequantized
-  once (instead of unpacked at every call). Works inside any model (a SentenceTransformer's
-  ``encode``), no export, no new dependency.
-* ``"ort"``: the model exported as a QDQ graph (:func:`lowbit.export.export_onnx`) and run by
-  ONNX Runtime (:func:`lowbit.export.ort_module`; needs ``example_inputs``).
+  once (instead of unpacked at every call). No export and no new dependency, but on 2 cores
+  ``_int_mm`` is only ~1.6x a float GEMM and the eager quantization around it costs as much.
 
 :class:`FastLinear` quantizes its input exactly as the frozen layer does
 (``q = clamp(round_half_even(x / s) + z, qmin, qmax)`` with the calibrated grid, or the grid of
@@ -140,6 +142,12 @@ class DequantizedLayer(nn.Module):
         return layer.op(x, self.weight, layer.bias)
 
 
+def _has_ort() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in ("onnxruntime", "onnxscript", "onnx"))
+
+
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -150,8 +158,9 @@ def fast(q: nn.Module, *, backend: str = "auto", example_inputs=None, threads: i
     """A copy of the frozen quantized model ``q`` that runs fast on the CPU (see the module docstring).
 
     Args:
-        backend: ``"torch"`` (int8 GEMMs in place, the default of ``"auto"``) or ``"ort"``
-            (ONNX Runtime on the exported graph; needs ``example_inputs``, one batch of inputs).
+        backend: ``"ort"`` (ONNX Runtime on the exported graph; needs ``example_inputs``, one
+            batch of inputs), ``"torch"`` (int8 GEMMs in place), or ``"auto"``: ``"ort"`` when
+            ``example_inputs`` is given and onnxruntime/onnxscript are installed, else ``"torch"``.
         threads: ONNX Runtime threads (``"ort"``); torch uses ``torch.get_num_threads()``.
 
     The copy gives the frozen model's outputs up to float32 rounding and is in eval mode; ``q`` is
@@ -167,6 +176,8 @@ def fast(q: nn.Module, *, backend: str = "auto", example_inputs=None, threads: i
     unfrozen = [n for n, layer in layers if not layer.frozen]
     if unfrozen:
         raise ValueError(f"layers {unfrozen[:5]} are not frozen: call lb.freeze(q) before fast()")
+    if backend == "auto":
+        backend = "ort" if example_inputs is not None and _has_ort() else "torch"
     if backend == "ort":
         if example_inputs is None:
             raise ValueError("backend='ort' exports the model: pass example_inputs (one batch of model inputs)")
