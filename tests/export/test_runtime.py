@@ -28,7 +28,10 @@ def test_same_structure_and_values(tmp_path):
     torch.manual_seed(0)
     x = torch.randn(5, 32)
     q = lb.freeze(lb.quantize(TwoHeads(), weights=lb.QuantSpec(4, granularity=lb.PerGroup(16))))
+    q.train()
     m = ort_module(q, (x,), path=tmp_path / "two.onnx", threads=1)
+    assert q.training                              # the user's model is left as it was
+    q.eval()
     assert (tmp_path / "two.onnx").exists() and m.input_names == ["x"]
     x2 = torch.randn(9, 32)
     out = m(x2, return_dict=True)                  # unknown keyword arguments are ignored

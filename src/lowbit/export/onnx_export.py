@@ -87,9 +87,19 @@ def _dynamic_shapes(args: tuple, kwargs: dict):
     return tuple(spec(v) for v in args)
 
 
+def run_eval(model: nn.Module, args: tuple, kwargs: dict):
+    """``model(*args, **kwargs)`` in eval mode without gradients; the model's mode is restored."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return model(*args, **kwargs)
+    finally:
+        model.train(was_training)
+
+
 def _output_names(model: nn.Module, args: tuple, kwargs: dict) -> list[str] | None:
-    with torch.no_grad():
-        out = model(*args, **kwargs)
+    out = run_eval(model, args, kwargs)
     if isinstance(out, torch.Tensor):
         return ["output"]
     if isinstance(out, Mapping):
@@ -276,7 +286,7 @@ def export_onnx(q: nn.Module, example_inputs, path: str | os.PathLike, *, opset:
         _set_module(model, name, new)
         exported[name] = new
     names = {id(m): n for n, m in model.named_modules()}
-    output_names = _output_names(q.eval(), args, kwargs)
+    output_names = _output_names(q, args, kwargs)
     if dynamic_shapes is None:
         dynamic_shapes = _dynamic_shapes(args, kwargs)
     stack: list = []

@@ -21,7 +21,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
-from .onnx_export import _split_inputs, export_onnx
+from .onnx_export import _split_inputs, export_onnx, run_eval
 
 __all__ = ["OrtModule", "ort_module", "session_options", "compare_with_onnx"]
 
@@ -97,8 +97,7 @@ def ort_module(q: nn.Module, example_inputs, *, path: str | os.PathLike | None =
     :func:`lowbit.export.export_onnx`): the fast form.
     """
     args, kwargs = _split_inputs(example_inputs)
-    with torch.no_grad():
-        reference = q.eval()(*args, **kwargs)
+    reference = run_eval(q, args, kwargs)
     flat, spec = pytree.tree_flatten(reference)
     if not all(isinstance(t, torch.Tensor) for t in flat):
         spec = None
@@ -121,8 +120,7 @@ def compare_with_onnx(q: nn.Module, path: str | os.PathLike, inputs, *, threads:
     (||onnx - q|| / ||q||), "max_abs" (of q's output), "shape"}``."""
     args, kwargs = _split_inputs(inputs)
     module = OrtModule(path, None, threads, exact)
-    with torch.no_grad():
-        ref = q.eval()(*args, **kwargs)
+    ref = run_eval(q, args, kwargs)
     got = module(*args, **kwargs)
     ref = pytree.tree_flatten(ref)[0][0]
     got = got[0] if isinstance(got, tuple) else got
