@@ -1,7 +1,8 @@
 """lowbit: quantize PyTorch models onto small integer grids, understand the error, ship the result."""
-from . import analysis, integer, modules, observers, ops, qat, recipes, transforms
+from . import analysis, export, integer, modules, observers, ops, qat, recipes, transforms
 from .analysis import analyze
 from .checkpoint import load, save
+from .export import export_onnx
 from .gptq import GPTQReport, gptq
 from .qtensor import QTensor
 from .quantize import QuantInfo, calibrate, freeze, quant_layers, quantize
@@ -10,9 +11,9 @@ from .spec import PerChannel, PerGroup, PerTensor, PerToken, QuantSpec
 __version__ = "0.1.0"
 
 __all__ = [
-    "ops", "observers", "modules", "transforms", "qat", "analysis", "analyze",
+    "ops", "observers", "modules", "transforms", "qat", "analysis", "analyze", "recipes",
     "QTensor", "QuantSpec", "PerTensor", "PerChannel", "PerGroup", "PerToken",
     "quantize", "calibrate", "freeze", "quant_layers", "QuantInfo", "save", "load", "integer",
-    "gptq", "GPTQReport", "recipes",
+    "gptq", "GPTQReport", "export", "export_onnx",
     "__version__",
 ]

@@ -1,0 +1,214 @@
+"""The traceable stand-in of each frozen quantized layer, laid out as its ONNX graph will be.
+
+``export_layer(name, layer)`` turns a frozen :class:`lowbit.modules.QuantLayer` into a module that
+computes the same function with the :mod:`lowbit.export.torch_ops` operators:
+
+* input: ``QuantizeLinear -> DequantizeLinear`` with the calibrated grid (static), or with the grid
+  computed from the tensor (dynamic, per tensor or per token); nothing if the layer is weight-only;
+* weight: the integer codes as an initializer -> ``DequantizeLinear``. A Linear stores ``W^T``
+  (``[in, out]``, the ``B`` of ``MatMul``; ONNX Runtime fuses ``DequantizeLinear(int4, axis=0,
+  block_size) -> MatMul`` into ``MatMulNBits``); a convolution stores its kernel ``[out, in, k...]``
+  when the scales are per tensor or per output channel, else its GEMM view ``[out, in*k]`` (groups
+  of ``in*k``) followed by a ``Reshape``;
+* the float ``MatMul`` (+ ``Add`` bias) or ``Conv``.
+
+With ``integer=True`` a Linear with int8-able grids is instead one ``lowbit::integer_linear``
+(``QuantizeLinear -> MatMulInteger -> scale``, see :mod:`lowbit.export.torch_ops`): the form ONNX
+Runtime runs with its int8 GEMM.
+
+Codes of 2..4 bits are traced as 8-bit and written as ONNX INT4/UINT4 afterwards
+(:attr:`ExportLayer.int4`), 5..8 bits as INT8/UINT8, 9..16 bits as INT16/UINT16.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..integer.fast import fast_reason
+from ..modules import QuantConv1d, QuantConv2d, QuantLayer, QuantLinear
+from ..spec import PerChannel, PerGroup, PerTensor, PerToken, QuantSpec
+from .torch_ops import dequantize, dynamic_quantize_dequantize, quantize_dequantize  # noqa: F401 (registers ops)
+
+__all__ = ["ExportLayer", "export_layer", "unsupported_reason", "Int4Initializer", "BLOCKED_OPSET"]
+
+BLOCKED_OPSET = 21  # blocked Q/DQ and INT4/UINT4 tensors
+
+
+def _container_dtype(bits: int, signed: bool) -> torch.dtype:
+    if bits <= 8:
+        return torch.int8 if signed else torch.uint8
+    return torch.int16 if signed else torch.uint16
+
+
+def _container_range(bits: int, signed: bool) -> tuple[int, int]:
+    if bits <= 8:
+        return (-128, 127) if signed else (0, 255)
+    return (-(1 << 15), (1 << 15) - 1) if signed else (0, (1 << 16) - 1)
+
+
+def _onnx_param_layout(spec: QuantSpec, ndim: int, what: str) -> tuple[int, int]:
+    """``(axis, block_size)`` of ONNX Q/DQ for a granularity on a tensor of ``ndim`` dimensions."""
+    g = spec.granularity
+    if isinstance(g, PerTensor):
+        return 1, 0
+    if isinstance(g, PerChannel):
+        return g.axis % ndim, 0
+    if isinstance(g, PerGroup):
+        return g.axis % ndim, g.size
+    raise ValueError(f"{what}: granularity {g!r} has no ONNX QuantizeLinear equivalent")
+
+
+def unsupported_reason(layer: QuantLayer) -> str | None:
+    """Why ``layer`` cannot be exported (``None`` if it can)."""
+    if type(layer) not in (QuantLinear, QuantConv1d, QuantConv2d):
+        return f"{type(layer).__name__} is not one of QuantLinear, QuantConv1d, QuantConv2d"
+    if not layer.frozen:
+        return "not frozen: call lb.freeze(q) before exporting"
+    aq = layer.input_quant
+    if aq is not None and aq.enabled and aq.calibrated:
+        g = aq.spec.granularity
+        if aq.spec.dynamic and not isinstance(g, (PerTensor, PerToken)):
+            return f"dynamic activations with {type(g).__name__} granularity (only PerTensor and PerToken are exported)"
+        if not aq.spec.dynamic and isinstance(g, PerToken):
+            return "static PerToken activations"
+        if isinstance(g, PerToken) and not isinstance(layer, QuantLinear):
+            return "PerToken activations of a convolution (its last axis, the length, varies)"
+    if not layer.weight_quant.enabled:
+        return "its weight quantizer is disabled"
+    return None
+
+
+@dataclass(frozen=True)
+class Int4Initializer:
+    """An initializer traced as 8-bit codes that the ONNX file stores as INT4/UINT4 (packed)."""
+
+    packed: torch.Tensor       # uint8, ONNX INT4 layout (lowbit.ops.packing)
+    dims: tuple[int, ...]
+    signed: bool
+
+
+class _InputQDQ(nn.Module):
+    def __init__(self, spec: QuantSpec, scale: torch.Tensor | None, zero_point: torch.Tensor | None,
+                 features: int) -> None:
+        super().__init__()
+        self.spec = spec
+        self.features = features          # static size of the last axis (a Linear's in_features)
+        if not spec.dynamic:
+            self.register_buffer("scale", scale.detach().clone().float())
+            self.register_buffer("zero_point", zero_point.detach().to(_container_dtype(spec.bits, spec.signed)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        spec = self.spec
+        if not x.is_floating_point():
+            return x
+        if spec.dynamic:
+            return torch.ops.lowbit.dynamic_quantize_dequantize(
+                x, spec.bits, spec.signed, spec.symmetric, spec.narrow_range,
+                isinstance(spec.granularity, PerToken), self.features)
+        axis, block = _onnx_param_layout(spec, x.dim(), "input")
+        clip = (spec.qmin, spec.qmax) != _container_range(spec.bits, spec.signed)
+        return torch.ops.lowbit.quantize_dequantize(x, self.scale, self.zero_point, axis, block,
+                                                    spec.qmin, spec.qmax, clip)
+
+
+class ExportLayer(nn.Module):
+    """Traceable stand-in of a frozen quantized layer (see the module docstring).
+
+    Attributes:
+        int4: ``{buffer name: Int4Initializer}`` for the buffers to store as 4-bit in the file.
+    """
+
+    def __init__(self, layer: QuantLayer, integer: bool = False) -> None:
+        super().__init__()
+        aq = layer.input_quant
+        use_input = aq is not None and aq.enabled and aq.calibrated
+        features = layer.in_features if isinstance(layer, QuantLinear) else 0
+        self.input_qdq = _InputQDQ(aq.spec, aq.scale, aq.zero_point, features) if use_input else None
+        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
+        self.kind = "linear" if isinstance(layer, QuantLinear) else "conv"
+        self.int4: dict[str, Int4Initializer] = {}
+        spec = layer.weight_quant.spec
+        qw = layer.qweight
+        codes = qw.int_repr()                              # [out, in*k] (GEMM view)
+        scale, zero_point = qw.scale.float(), qw.zero_point
+        shape = layer._weight_shape
+        g = spec.granularity
+        if self.kind == "linear":
+            # W^T = [in, out]: axis 0 <-> 1, per-group parameters transposed too
+            codes = codes.t()
+            if isinstance(g, PerGroup):
+                scale, zero_point = scale.t(), zero_point.t()
+            axis, block = _onnx_param_layout(spec, 2, "weight")
+            axis = 1 - axis if not isinstance(g, PerTensor) else axis
+            self.reshape_to = None
+        else:
+            direct = isinstance(g, PerTensor) or (isinstance(g, PerChannel) and g.axis % 2 == 0)
+            axis, block = _onnx_param_layout(spec, 2, "weight")
+            if direct:
+                codes = codes.reshape(shape)
+                self.reshape_to = None
+            else:
+                self.reshape_to = tuple(shape)
+            self.stride, self.padding, self.dilation, self.groups = layer.stride, layer.padding, layer.dilation, layer.groups
+            self.padding_mode = layer.padding_mode
+            self._reversed_padding = layer._reversed_padding_repeated_twice
+            self.conv = F.conv1d if isinstance(layer, QuantConv1d) else F.conv2d
+        self.axis, self.block_size = axis, block
+        dtype = _container_dtype(spec.bits, spec.signed)
+        codes = codes.contiguous().to(dtype)
+        zero_point = zero_point.contiguous().to(dtype)
+        self.register_buffer("weight_codes", codes)
+        self.register_buffer("weight_scale", scale.contiguous())
+        self.register_buffer("weight_zero_point", zero_point)
+        self.integer = integer and fast_reason(layer) is None
+        if self.integer:
+            self.register_buffer("weight_colsum", codes.to(torch.int32).sum(dim=0, dtype=torch.int32))
+            if not aq.spec.dynamic:
+                self.register_buffer("input_scale", self.input_qdq.scale)
+                self.register_buffer("input_zero_point", self.input_qdq.zero_point)
+            else:  # unused placeholders: the grid is computed from each input
+                self.register_buffer("input_scale", torch.ones(()))
+                self.register_buffer("input_zero_point", torch.zeros((), dtype=_container_dtype(8, aq.spec.signed)))
+        elif spec.bits <= 4:
+            from ..ops import packing
+
+            for key, t in (("weight_codes", codes), ("weight_zero_point", zero_point)):
+                self.int4[key] = Int4Initializer(packing.pack(t, 4), tuple(t.shape), spec.signed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.integer and x.is_floating_point():
+            sp = self.input_qdq.spec
+            return torch.ops.lowbit.integer_linear(
+                x, self.weight_codes, self.weight_colsum, self.weight_scale, self.bias, self.input_scale,
+                self.input_zero_point, sp.bits, sp.signed, sp.symmetric, sp.narrow_range, sp.dynamic,
+                isinstance(sp.granularity, PerToken), self.input_qdq.features)
+        if self.input_qdq is not None:
+            x = self.input_qdq(x)
+        w = torch.ops.lowbit.dequantize(self.weight_codes, self.weight_scale, self.weight_zero_point,
+                                        self.axis, self.block_size)
+        if self.kind == "linear":
+            y = torch.matmul(x, w)
+            return y if self.bias is None else y + self.bias
+        if self.reshape_to is not None:
+            w = w.reshape(self.reshape_to)
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self._reversed_padding, mode=self.padding_mode)
+            return self.conv(x, w, self.bias, self.stride, 0, self.dilation, self.groups)
+        return self.conv(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+def export_layer(name: str, layer: QuantLayer, integer: bool = False) -> ExportLayer:
+    """The :class:`ExportLayer` of ``layer``; ``ValueError`` naming ``name`` if it cannot be exported.
+
+    ``integer``: a Linear whose grids allow it (:func:`lowbit.integer.fast_reason`) is written with
+    ``MatMulInteger`` on its int8 codes instead of QDQ around a float MatMul."""
+    why = unsupported_reason(layer)
+    if why is not None:
+        raise ValueError(f"cannot export layer {name!r}: {why}")
+    try:
+        return ExportLayer(layer, integer)
+    except ValueError as e:
+        raise ValueError(f"cannot export layer {name!r}: {e}") from e
