@@ -51,7 +51,13 @@ class QuantLayer(nn.Module):
     def quantized_weight(self) -> torch.Tensor:
         """The weight as the forward sees it: fake-quantized (or dequantized, once frozen)."""
         if self.frozen:
-            return self.qweight.dequantize().reshape(self._weight_shape)
+            # dequantized once per stored weight (the codes only change by loading or re-freezing)
+            key = tuple((t.data_ptr(), t._version) for t in (self.weight_codes, self.weight_scale, self.weight_zero_point))
+            cached = self.__dict__.get("_dq_cache")
+            if cached is None or cached[0] != key:
+                cached = (key, self.qweight.dequantize().reshape(self._weight_shape))
+                self.__dict__["_dq_cache"] = cached
+            return cached[1]
         return self.weight_quant(self.weight)
 
     @property
