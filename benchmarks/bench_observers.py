@@ -132,8 +132,9 @@ def main() -> None:
                           ("lowbit MovingAverage(0.01)", MovingAverage, {"momentum": 0.01}),
                           ("lowbit Percentile(99.999)", Percentile, {"p": 99.999}),
                           ("lowbit MSE", MSE, {}),
-                          ("lowbit Entropy (Q=128)", Entropy, {"quantized_bins": 128}),
-                          ("lowbit Entropy (Q=255)", Entropy, {})]:
+                          ("lowbit Entropy (Q=128)", Entropy, {"quantized_bins": 128, "variant": "onnxruntime"}),
+                          ("lowbit Entropy (Q=255)", Entropy, {"variant": "onnxruntime"}),
+                          ("lowbit Entropy (TensorRT)", Entropy, {})]:
         t, obs, (s, z) = run_lowbit(cls, batches, spec, **kw)
         rows.append((name, t, sqnr(batches, spec, s, z), float(obs.range()[1])))
 
@@ -160,7 +161,7 @@ def main() -> None:
     print(f"\nEntropy: lowbit {ours[1]:.3f} s vs ORT {ort_entropy_t:.3f} s -> {ort_entropy_t / ours[1]:.1f}x faster; "
           f"thresholds {ours[3]:.4f} vs {ort_entropy_hi:.4f} ({abs(ours[3] - ort_entropy_hi) / bin_width:.1f} ORT bins apart)")
     one_shot_t, (lo, hi) = timed(lambda: ops.RANGE_METHODS["entropy"](torch.cat(batches).reshape(1, -1), spec,
-                                                                      quantized_bins=128))
+                                                                      quantized_bins=128, variant="onnxruntime"))
     print(f"Entropy one-shot (ops.choose_qparams on the concatenation): {one_shot_t:.3f} s, threshold "
           f"{float(hi):.4f} ({abs(float(hi) - ort_entropy_hi) / bin_width:.1f} ORT bins from ORT's)")
 

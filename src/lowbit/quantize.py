@@ -196,7 +196,7 @@ def freeze(model: nn.Module) -> nn.Module:
     """Store every quantized weight as integer codes (in place); returns ``model``.
 
     Activation ranges must be calibrated first. The frozen model computes the same outputs as
-    before (it uses the same grid), holds no float master weights, and can be saved with ``lb.save``.
+    before in eval mode (it uses the same grid; grids learned by ``lb.qat`` become fixed ones), holds no float master weights, and can be saved with ``lb.save``.
     """
     layers = quant_layers(model)
     if not layers:
@@ -208,6 +208,10 @@ def freeze(model: nn.Module) -> nn.Module:
             raise ValueError(f"layer {name!r}: input quantizer is not calibrated; run `with lb.calibrate(q): ...` "
                              "on some batches before lb.freeze")
     for name, layer in layers:
+        for attr in ("weight_quant", "input_quant"):  # QAT quantizers (lowbit.qat) hand over their learned grids
+            qz = getattr(layer, attr)
+            if qz is not None and hasattr(qz, "to_fixed"):
+                setattr(layer, attr, qz.to_fixed())
         if layer.input_quant is not None and not layer.input_quant.calibrated:
             layer.input_quant.enabled = False
         layer.freeze()

@@ -112,7 +112,7 @@ def test_entropy_observer_is_at_the_bottom_of_onnxruntimes_kl_curve():
             c.collect({"t": [b.numpy() for b in x]})
             hist = c.compute_collection_result()["t"][2]
         kl = kl_curve(torch.from_numpy(hist.astype(np.float64)), q)
-        obs = Entropy(QuantSpec(), quantized_bins=q)
+        obs = Entropy(QuantSpec(), quantized_bins=q, variant="onnxruntime")
         for b in x.split(6):
             obs.update(b)
         _, hi = obs.range()

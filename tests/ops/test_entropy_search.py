@@ -45,7 +45,8 @@ def test_one_shot_entropy_matches_onnxruntime_calibrator(kind, q, bins):
         lo_ref, hi_ref = (float(v) for v in c.compute_collection_result()["t"][:2])
     m = float(x.abs().max())
     bin_width = 2 * m / bins
-    lo, hi = ops.RANGE_METHODS["entropy"](x.reshape(1, -1), QuantSpec(), quantized_bins=q, bins=bins)
+    lo, hi = ops.RANGE_METHODS["entropy"](x.reshape(1, -1), QuantSpec(), quantized_bins=q, bins=bins,
+                                          variant="onnxruntime")
     if abs(float(hi) - hi_ref) > bin_width or abs(float(lo) - lo_ref) > bin_width:
         # allowed only for a near-tie that ORT's float32 sums decide by round-off (its divergences
         # carry ~1e-4 relative error): then both candidates must have the same divergence
@@ -55,7 +56,8 @@ def test_one_shot_entropy_matches_onnxruntime_calibrator(kind, q, bins):
         theirs = round(-lo_ref / bin_width) - q // 2
         assert abs(float(kl[ours] - kl[theirs])) <= 1e-3 * float(kl[theirs]), (float(hi), hi_ref)
         return
-    scale, zp = ops.choose_qparams(x, QuantSpec(), observer="entropy", quantized_bins=q, bins=bins)
+    scale, zp = ops.choose_qparams(x, QuantSpec(), observer="entropy", quantized_bins=q, bins=bins,
+                                   variant="onnxruntime")
     assert float(scale) == pytest.approx(max(abs(lo_ref), abs(hi_ref)) / 127, rel=1e-3)
 
 
@@ -83,7 +85,7 @@ def test_without_candidates_the_full_range_is_kept():
 def test_bad_options_are_named():
     x = torch.randn(100)
     with pytest.raises(ValueError, match="variant"):
-        ops.choose_qparams(x, QuantSpec(), observer="entropy", variant="tensorrt")
+        ops.choose_qparams(x, QuantSpec(), observer="entropy", variant="trt")
     with pytest.raises(ValueError, match="quantized_bins"):
         ops.choose_qparams(x, QuantSpec(), observer="entropy", quantized_bins=1)
     with pytest.raises(ValueError, match="bins"):

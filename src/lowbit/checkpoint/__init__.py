@@ -4,9 +4,9 @@ The file is plain `safetensors <https://github.com/huggingface/safetensors>`_: e
 quantized model's ``state_dict`` as it is stored (integer weight codes, packed two or four per byte
 for 4- and 2-bit grids; weight scales and zero points; activation scales and zero points; biases
 and every float tensor of the layers that stayed float), plus a *quantization map* as JSON in the
-header metadata (key ``"lowbit"``)::
+header metadata (key ``"lowbit"``). :func:`read_quant_map` returns it in this full layout::
 
-    {"format": "lowbit", "format_version": 1, "lowbit_version": ..., "model_class": ..., "training": ...,
+    {"format": "lowbit", "format_version": 2, "lowbit_version": ..., "model_class": ..., "training": ...,
      "fold_bn": ..., "folded": [[layer, batchnorm], ...],
      "specs": [{"bits", "signed", "symmetric", "granularity": {"type", ...}, "rounding", "narrow_range",
                 "dynamic"}, ...],                                   # each distinct QuantSpec once
@@ -15,6 +15,10 @@ header metadata (key ``"lowbit"``)::
                        "weight": {"spec": index, "observer", "options", "ste", "enabled", "fixed"},
                        "activation": null | {"spec": index, "observer", "options", "ste", "enabled", "qparams"}}},
      "implied": {tensor: {"value", "shape", "dtype"}}, "casts": {tensor: dtype}, "aliases": {tensor: tensor}}
+
+The file holds the compact form of format version 2 (defaults left out, shared layer fields once,
+implied zero points as a list; :mod:`lowbit.checkpoint.compact`), which keeps the fixed cost of a
+small model's file low; version 1 files (the full layout) are still read.
 
 Zero points of symmetric grids (all equal to ``spec.symmetric_zero_point``) are not written
 (``implied``); other zero points are written in the grid's own integer type (``casts`` restores

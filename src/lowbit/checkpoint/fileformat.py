@@ -12,7 +12,7 @@ from ..spec import PerChannel, PerGroup, PerTensor, PerToken, QuantSpec
 
 __all__ = ["FORMAT_VERSION", "META_KEY", "spec_to_dict", "spec_from_dict", "dtype_name", "read_header", "read_quant_map"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2   # 2: compact map (lowbit.checkpoint.compact); version 1 files are still read
 META_KEY = "lowbit"
 _MAX_HEADER = 100 * 1024 * 1024     # safetensors' own limit on the JSON header
 
@@ -89,10 +89,18 @@ def read_quant_map(path: str | os.PathLike) -> dict:
         qmap = json.loads(meta[META_KEY])
     except json.JSONDecodeError as e:
         raise ValueError(f"{str(path)!r}: the quantization map is not valid JSON ({e})") from e
-    version = qmap.get("format_version")
+    version = qmap.get("format_version") if isinstance(qmap, dict) else None
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise ValueError(f"{str(path)!r} has checkpoint format version {version!r}; this lowbit reads versions "
-                         f"<= {FORMAT_VERSION}: upgrade lowbit (it was written by lowbit {qmap.get('lowbit_version')})")
+                         f"<= {FORMAT_VERSION}: upgrade lowbit (it was written by lowbit "
+                         f"{qmap.get('lowbit_version') if isinstance(qmap, dict) else '?'})")
+    if version >= 2:
+        from .compact import expand
+
+        try:
+            qmap = expand(qmap, header)
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{str(path)!r}: the quantization map is malformed ({e!r}); the file is damaged") from e
     missing = [k for k in ("layers", "specs", "fold_bn", "folded") if k not in qmap]
     if missing:
         raise ValueError(f"{str(path)!r}: the quantization map lacks {missing}; the file is damaged")

@@ -14,6 +14,7 @@ from ..modules import ActQuantizer, QuantLayer, WeightQuantizer
 from ..quantize import QuantInfo, quant_layers
 from ..spec import QuantSpec
 from .atomic import atomic_write
+from .compact import compact
 from .fileformat import FORMAT_VERSION, META_KEY, dtype_name, spec_to_dict
 
 __all__ = ["save"]
@@ -137,7 +138,7 @@ def save(q: nn.Module, path: str | os.PathLike) -> Path:
     }
     qmap["specs"] = [spec_to_dict(spec) for spec in table.specs]
     try:
-        meta = json.dumps(qmap, separators=(",", ":"))
+        meta = json.dumps(compact(qmap), separators=(",", ":"))
     except TypeError as e:
         raise TypeError(f"the quantization map is not JSON-serializable ({e}); observer_options must hold "
                         "plain numbers, strings, lists and dicts") from e

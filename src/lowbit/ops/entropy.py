@@ -2,7 +2,8 @@
 
 Migacz, "8-bit Inference with TensorRT", GTC 2017; the signed-histogram form is MXNet's
 ``_get_optimal_threshold``, which ONNX Runtime's ``HistogramCollector.get_entropy_threshold``
-copies. Given a histogram ``h`` of ``B`` bins over ``[-M, M]`` (``z = B/2`` is the bin starting
+copies (``variant="tensorrt"``, the default of the observers and of ``choose_qparams``, is
+TensorRT's search on ``|x|``: :mod:`lowbit.ops.entropy_trt`). Given a histogram ``h`` of ``B`` bins over ``[-M, M]`` (``z = B/2`` is the bin starting
 at 0) and ``Q`` quantized bins, every candidate ``i = Q//2 .. B/2`` clips to the bins
 ``[z-i, z+i+1)`` (threshold ``(i+1) M / (B/2)``) and compares two distributions on them:
 
@@ -13,9 +14,9 @@ at 0) and ``Q`` quantized bins, every candidate ``i = Q//2 .. B/2`` clips to the
 
 Both are smoothed (zeros get ``eps = 1e-4``, taken evenly off the non-zeros) and normalised; the
 threshold minimises ``KL(p || q)``. ONNX Runtime's loop additionally truncates ``q`` to integers
-and leaves the remainder bins of the last chunk at 0 (``variant="onnxruntime"``, the default,
-reproduces that loop exactly; ``variant="mxnet"`` is the reference without those two steps, which
-can land tens of bins away).
+and leaves the remainder bins of the last chunk at 0 (``variant="onnxruntime"`` reproduces that
+loop exactly; ``variant="mxnet"`` is the reference without those two steps, which can land tens
+of bins away).
 
 ORT computes each divergence in float32 with ~1e-4 relative round-off, so when two distant
 candidates are that close (a flat minimum) the two implementations may pick either; otherwise
@@ -26,9 +27,10 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["entropy_threshold", "kl_curve", "kl_curve_fast", "ENTROPY_VARIANTS"]
+__all__ = ["entropy_threshold", "kl_curve", "kl_curve_fast", "ENTROPY_VARIANTS", "SIGNED_VARIANTS"]
 
-ENTROPY_VARIANTS = ("onnxruntime", "mxnet")
+ENTROPY_VARIANTS = ("tensorrt", "onnxruntime", "mxnet")   # tensorrt: lowbit.ops.entropy_trt
+SIGNED_VARIANTS = ("onnxruntime", "mxnet")                 # the signed-histogram search of this module
 
 _EPS = 1e-4
 
@@ -216,8 +218,9 @@ def entropy_threshold(hist: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, qu
     constant rows (``lo == hi``).
     """
     rows, b = hist.shape
-    if variant not in ENTROPY_VARIANTS:
-        raise ValueError(f"variant must be one of {ENTROPY_VARIANTS}, got {variant!r}")
+    if variant not in SIGNED_VARIANTS:
+        raise ValueError(f"variant must be one of {SIGNED_VARIANTS} here (for 'tensorrt' use "
+                         f"lowbit.ops.entropy_trt.tensorrt_threshold), got {variant!r}")
     if quantized_bins < 2:
         raise ValueError(f"quantized_bins must be >= 2, got {quantized_bins}")
     if quantized_bins >= b:

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..spec import QuantSpec
-from .grid import _check_input, prepare_qparams, round_to_grid
+from .grid import _check_input, _check_spec, grid_operands, prepare_qparams, round_to_grid
 
 __all__ = ["QuantError", "quant_error"]
 
@@ -39,23 +39,33 @@ class QuantError:
 
 def quant_error(x: torch.Tensor, spec: QuantSpec, scale, zero_point,
                 generator: torch.Generator | None = None) -> QuantError:
-    """Measure the error of quantizing ``x`` with ``(scale, zero_point)``; non-finite elements are skipped."""
+    """Measure the error of quantizing ``x`` with ``(scale, zero_point)``; non-finite elements are skipped.
+
+    ``x^`` is exactly what :func:`lowbit.ops.fake_quantize` returns (same arithmetic, same dtype);
+    the sums are accumulated in float64.
+    """
     _check_input(x)
-    s, z = prepare_qparams(x, spec, scale, zero_point)
-    x64 = x.detach().to(torch.float64)
-    s64, z64 = s.to(torch.float64), z.to(torch.float64)
-    v = round_to_grid(x64 / s64, spec.rounding, generator) + z64
+    x = x.detach()
+    _check_spec(spec)
+    if spec.rounding == "stochastic":
+        s, z = prepare_qparams(x, spec, scale, zero_point)
+        xv, finish = x, (lambda r: r)
+    else:
+        xv, s, z, finish = grid_operands(x, spec, scale, zero_point)
+    v = round_to_grid(xv.to(s.dtype) / s, spec.rounding, generator) + z
     q = torch.clamp(v, spec.qmin, spec.qmax)
-    err2 = ((q - z64) * s64 - x64).square()
-    finite = torch.isfinite(x64)
+    x_hat = finish(((q - z) * s).to(x.dtype))
+    saturated = finish(v != q)
+    finite = torch.isfinite(x)
     n = int(finite.sum())
     if n == 0:
         raise ValueError("x has no finite element to measure an error on")
-    clipped = (v != q) & finite
-    err2 = torch.where(finite, err2, torch.zeros_like(err2))
+    x64 = torch.where(finite, x, torch.zeros((), dtype=x.dtype, device=x.device)).to(torch.float64)
+    err2 = (x_hat.to(torch.float64) - x64).square().masked_fill_(~finite, 0.0)
+    clipped = saturated & finite
     total = float(err2.sum())
     clip = float(err2[clipped].sum())
-    signal = float(torch.where(finite, x64, torch.zeros_like(x64)).square().sum())
+    signal = float(x64.square().sum())
     if total == 0.0:
         sqnr = math.inf
     elif signal == 0.0:

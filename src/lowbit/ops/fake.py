@@ -1,62 +1,79 @@
 """Fake quantization with a straight-through estimator (STE).
 
-Forward: ``dequantize(quantize(x))`` computed in floating point (NaN propagates like any float op).
+Forward: ``dequantize(quantize(x))`` computed in floating point (NaN propagates like any float op),
+bit-identical to ONNX Runtime's QuantizeLinear -> DequantizeLinear. With ``v = round(x/s) + z``
+and ``q = clamp(v, qmin, qmax)`` the output is ``(q - z) * s``; ``x`` *saturated* where ``v != q``.
+
 Backward (Bengio et al. 2013, "Estimating or propagating gradients through stochastic neurons"):
 rounding has zero gradient almost everywhere, so the STE treats it as the identity:
 
-* ``ste="identity"``: ``dL/dx = dL/dy`` everywhere;
-* ``ste="clipped"``:  ``dL/dx = dL/dy`` where ``x`` fell inside the grid, 0 where it saturated.
+* ``ste="identity"``: ``dL/dx = dL/dy`` everywhere (the gradient is passed through, not copied);
+* ``ste="clipped"``:  ``dL/dx = dL/dy * 1[x not saturated]`` (0 where it saturated; the
+  forward keeps a 1-byte mask for this).
 
 If ``scale`` requires grad, the output is also differentiable in the scale with the LSQ gradient
-(Esser et al. 2020, "Learned Step Size Quantization"), with ``v = x/s``::
+(Esser et al. 2020, "Learned Step Size Quantization"), with ``x/s`` unrounded::
 
-    dy/ds = round(v) - v          inside the grid
-          = qmin - z  or  qmax - z  where x saturated
+    dy/ds = round(x/s) - x/s      where x was not saturated
+          = q - z                 where it saturated (qmin - z or qmax - z)
 
-(the gradient scaling factor of LSQ belongs to the caller, which knows the tensor size).
+summed over the elements that share a scale (the gradient scaling factor of LSQ belongs to the
+caller, which knows the tensor size). The zero point gets no gradient (it is an integer).
 """
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from ..spec import QuantSpec
-from .grid import _check_input, prepare_qparams, round_to_grid
+from . import kernels
+from .grid import _check_input, _check_spec, grid_operands, prepare_qparams, round_to_grid
 
 __all__ = ["fake_quantize", "STE_MODES"]
 
 STE_MODES = ("identity", "clipped")
 
 
-class _FakeQuantizeSTE(torch.autograd.Function):
+class _FakeQuantize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, s, z, qmin, qmax, rounding, generator, clipped):
-        xf = x.to(s.dtype)
-        v = round_to_grid(xf / s, rounding, generator) + z
-        q = torch.clamp(v, qmin, qmax)
-        if clipped:
-            ctx.save_for_backward(v == q)
-        ctx.clipped = clipped
-        ctx.in_dtype = x.dtype
-        return ((q - z) * s).to(x.dtype)
+        learn = ctx.needs_input_grad[1]
+        qz = None
+        if rounding == "nearest":
+            y, inside = kernels.fake_quantize(x, s, z, qmin, qmax, want_mask=clipped or learn)
+        else:
+            v = round_to_grid(x.to(s.dtype) / s, rounding, generator) + z
+            q = torch.clamp(v, qmin, qmax)
+            inside = v == q
+            qz = q - z
+            y = qz * s
+        ctx.clipped, ctx.learn, ctx.bounds = clipped, learn, (qmin, qmax)
+        ctx.set_materialize_grads(False)
+        if learn:
+            ctx.save_for_backward(x, s, z, inside, qz)
+        elif clipped:
+            ctx.save_for_backward(inside)
+        return y.to(x.dtype)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
-        if ctx.clipped:
+        if grad is None:
+            return (None,) * 8
+        if ctx.learn:
+            x, s, z, inside, qz = ctx.saved_tensors
+        elif ctx.clipped:
             (inside,) = ctx.saved_tensors
-            grad = grad * inside
-        return grad.to(ctx.in_dtype), None, None, None, None, None, None, None
-
-
-def _fake_quantize_learnable(x, s, z, spec: QuantSpec, generator, clipped: bool) -> torch.Tensor:
-    xf = x.to(s.dtype)
-    v = xf / s
-    r = v + (round_to_grid(v.detach(), spec.rounding, generator) - v).detach()  # STE round
-    q = torch.clamp(r + z, spec.qmin, spec.qmax)
-    y = (q - z) * s
-    if not clipped:  # pass dL/dx through where the clamp cut it
-        outside = ((r + z) != q).detach()
-        y = y + (xf - xf.detach()) * outside
-    return y.to(x.dtype)
+        gx = gs = None
+        if ctx.needs_input_grad[0]:
+            gx = kernels.mask_grad(grad, inside) if ctx.clipped else grad
+        if ctx.learn:
+            v = x.to(s.dtype) / s
+            if qz is None:  # nearest rounding is deterministic: recompute instead of storing
+                qz = torch.clamp(torch.round(v) + z, *ctx.bounds) - z
+            slope = qz - torch.where(inside.bool(), v, torch.zeros((), dtype=v.dtype, device=v.device))
+            gs = (grad.to(s.dtype) * slope).sum_to_size(s.shape)
+        return gx, gs, None, None, None, None, None, None
 
 
 def fake_quantize(x: torch.Tensor, spec: QuantSpec, scale, zero_point, ste: str = "identity",
@@ -66,12 +83,21 @@ def fake_quantize(x: torch.Tensor, spec: QuantSpec, scale, zero_point, ste: str 
     Args:
         ste: ``"identity"`` or ``"clipped"`` (zero gradient where ``x`` saturated).
         generator: for ``spec.rounding == "stochastic"``, a seeded ``torch.Generator``.
+
+    Returns a tensor of ``x``'s dtype. See the module docstring for the gradients.
     """
     _check_input(x)
     if ste not in STE_MODES:
         raise ValueError(f"ste must be one of {STE_MODES}, got {ste!r}")
-    s, z = prepare_qparams(x, spec, scale, zero_point)
-    clipped = ste == "clipped"
-    if isinstance(scale, torch.Tensor) and scale.requires_grad and torch.is_grad_enabled():
-        return _fake_quantize_learnable(x, s, z, spec, generator, clipped)
-    return _FakeQuantizeSTE.apply(x, s.detach(), z, spec.qmin, spec.qmax, spec.rounding, generator, clipped)
+    _check_spec(spec)
+    if spec.rounding == "stochastic":
+        s, z = prepare_qparams(x, spec, scale, zero_point)  # draws one random number per element of x
+        xv, finish = x, None
+    else:
+        xv, s, z, finish = grid_operands(x, spec, scale, zero_point)
+    learn = isinstance(scale, torch.Tensor) and scale.requires_grad and torch.is_grad_enabled()
+    if not learn:
+        s = s.detach()
+    y = _FakeQuantize.apply(xv, s, z.detach(), spec.qmin, spec.qmax, spec.rounding, generator,
+                            ste == "clipped")
+    return y if finish is None else finish(y)

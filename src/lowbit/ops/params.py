@@ -12,6 +12,7 @@ statistic treats as missing). Statistics computed per row become parameters with
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -60,12 +61,16 @@ def from_rows(values: torch.Tensor, shape: torch.Size | tuple[int, ...], spec: Q
 
 def as_param(value: torch.Tensor | float | int, name: str, dtype: torch.dtype | None = None,
              device: torch.device | None = None) -> torch.Tensor:
-    """Accept a Python number or a tensor for ``scale``/``zero_point``; return a tensor."""
+    """Accept a Python (or NumPy) real number or a tensor for ``scale``/``zero_point``; return a tensor."""
     if isinstance(value, torch.Tensor):
         return value
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a tensor or a number, got {type(value).__name__}")
-    return torch.tensor(value, dtype=dtype, device=device)
+    if dtype is not None and not dtype.is_floating_point:
+        if not math.isfinite(value) or value != int(value):
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+        return torch.tensor(int(value), dtype=dtype, device=device)
+    return torch.tensor(float(value), dtype=dtype, device=device)
 
 
 def check_qparams(x_shape: torch.Size, spec: QuantSpec, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
@@ -88,8 +93,10 @@ def check_qparams(x_shape: torch.Size, spec: QuantSpec, scale: torch.Tensor, zer
     if not bool(torch.isfinite(s).all()) or not bool((s > 0).all()):
         raise ValueError(f"scale must be finite and > 0 everywhere, got min {s.min().item():g}")
     z = zero_point.detach()
-    if z.is_floating_point() and not bool((z == z.round()).all()):
-        raise ValueError("zero_point must hold integers")
+    if z.is_complex() or z.dtype == torch.bool:
+        raise TypeError(f"zero_point must be an integer (or integral float) tensor, got {z.dtype}")
+    if z.is_floating_point() and not bool((torch.isfinite(z) & (z == z.round())).all()):
+        raise ValueError("zero_point must hold finite integers, e.g. from ops.choose_qparams")
     if z.numel() and (int(z.min()) < spec.qmin or int(z.max()) > spec.qmax):
         raise ValueError(
             f"zero_point must lie in [qmin, qmax] = [{spec.qmin}, {spec.qmax}] for {spec}, "

@@ -10,8 +10,9 @@ scale) to a real interval ``[lo, hi]`` per row. :func:`range_to_qparams` then fi
   ``scale = (hi - lo) / (qmax - qmin)``, ``zero_point = clamp(qmin - round(lo / scale))``.
 
 Degenerate rows get a valid positive scale: an all-zero row gets ``scale = 1``; a constant row
-``c`` gets ``scale = |c| / 2^k`` (the largest power of two that fits the grid), which makes the
-round trip exact in floating point. Non-finite values are ignored by every range method.
+``c`` gets ``scale = |c| / 2^k`` (the largest power of two that fits the grid; ``|c|`` itself if
+that would lose bits), which makes the round trip exact in floating point. ``choose_qparams``
+gives a constant row this grid whichever observer it uses. Non-finite values are ignored by every range method.
 """
 from __future__ import annotations
 
@@ -69,23 +70,29 @@ def range_to_qparams(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> tup
     tiny = torch.finfo(dtype).tiny
     if spec.symmetric:
         z0 = spec.symmetric_zero_point
-        span = spec.qmax - z0
         r = torch.maximum(lo.abs(), hi.abs())
-        scale = r / span
-        constant = (lo == hi) & (r > 0)
-        scale = torch.where(constant, r / _pow2_floor(span), scale)
-        scale = torch.where(r > 0, scale.clamp_min(tiny), torch.ones_like(scale))
-        zero_point = torch.full_like(scale, z0, dtype=torch.int32)
-        return scale, zero_point
+        scale = _fit(r, spec.qmax - z0, (lo == hi) & (r > 0), tiny)
+        return scale, torch.full_like(scale, z0, dtype=torch.int32)
     constant = (lo == hi) & (lo != 0)
     lo = torch.minimum(lo, torch.zeros_like(lo))
     hi = torch.maximum(hi, torch.zeros_like(hi))
+    levels = spec.qmax - spec.qmin
     width = hi - lo
-    scale = width / (spec.qmax - spec.qmin)
-    scale = torch.where(constant, width / _pow2_floor(spec.qmax - spec.qmin), scale)
-    scale = torch.where(width > 0, scale.clamp_min(tiny), torch.ones_like(scale))
+    scale = _fit(width, levels, constant, tiny)
+    overflow = torch.isinf(width)  # hi - lo beyond the float range: divide first
+    scale = torch.where(overflow, hi / levels - lo / levels, scale)
     zero_point = torch.clamp(spec.qmin - torch.round(lo / scale), spec.qmin, spec.qmax)
     return scale, zero_point.to(torch.int32)
+
+
+def _fit(width: torch.Tensor, steps: int, constant: torch.Tensor, tiny: float) -> torch.Tensor:
+    """``width / steps``; 1 for an empty range; for a constant row the exact ``|c| / 2^k``."""
+    scale = (width / steps).clamp_min(tiny)
+    p = _pow2_floor(steps)
+    exact = width / p
+    exact = torch.where(exact * p == width, exact, width)  # |c| / 2^k unless it lost bits (subnormal)
+    scale = torch.where(constant, exact, scale)
+    return torch.where(width > 0, scale, torch.ones_like(scale))
 
 
 def choose_qparams(x: torch.Tensor, spec: QuantSpec, observer: str = "minmax", **options) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,5 +113,8 @@ def choose_qparams(x: torch.Tensor, spec: QuantSpec, observer: str = "minmax", *
     if rows.dtype not in (torch.float32, torch.float64):
         rows = rows.float()
     lo, hi = RANGE_METHODS[observer](rows, spec, **options)
+    c_lo, c_hi = finite_minmax(rows)
+    constant = c_lo == c_hi  # whatever the observer says, a constant row gets its exact grid
+    lo, hi = torch.where(constant, c_lo.to(lo.dtype), lo), torch.where(constant, c_hi.to(hi.dtype), hi)
     scale, zero_point = range_to_qparams(lo, hi, spec)
     return from_rows(scale, x.shape, spec), from_rows(zero_point, x.shape, spec)

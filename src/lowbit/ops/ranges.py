@@ -10,8 +10,11 @@ the same name in :mod:`lowbit.observers`:
   (linear interpolation between order statistics, as ``numpy.percentile``).
 * ``"mse"``: the scale minimising the squared error; exact global minimum for rows small enough
   (``rows * elements * steps <= exact_limit``), else the histogram model of :mod:`lowbit.ops.mse`.
-* ``"entropy"`` (``bins=2048``, ``quantized_bins=2^bits - 1``, ``variant="onnxruntime"``): the
-  KL threshold of :mod:`lowbit.ops.entropy` on a histogram over ``[-max|x|, max|x|]``.
+* ``"entropy"`` (``bins=2048``, ``quantized_bins=None``, ``variant="tensorrt"``): the KL
+  threshold. ``"tensorrt"`` (:mod:`lowbit.ops.entropy_trt`): ``bins`` bins of ``|x|`` on
+  ``[0, max|x|]``, ``Q`` from the grid (:func:`~lowbit.ops.entropy_trt.tensorrt_quantized_bins`)
+  unless given. ``"onnxruntime"`` / ``"mxnet"`` (:mod:`lowbit.ops.entropy`): ``bins`` bins on
+  ``[-max|x|, max|x|]``, ``Q = 2^bits - 1`` unless given.
 * ``"moving_average"``: on one tensor the moving average is its first value, i.e. min/max.
 """
 from __future__ import annotations
@@ -20,12 +23,13 @@ import torch
 
 from ..spec import QuantSpec
 from .entropy import ENTROPY_VARIANTS, entropy_threshold
+from .entropy_trt import tensorrt_quantized_bins, tensorrt_threshold
 from .histogram import check_bins, histogram_between, histogram_rows, row_minmax, span_exponent
 from .mse import grid_limits, mse_scale_exact, mse_scale_histogram, scale_to_range
 from .qparams import finite_minmax, minmax_range, register_range_method
 
 __all__ = ["percentile_range", "mse_range", "entropy_range", "check_percentile", "quantized_bins_for",
-           "mse_from_histogram"]
+           "mse_from_histogram", "check_variant", "clip_to_threshold", "tensorrt_bins_for"]
 
 
 def check_percentile(p: object) -> float:
@@ -99,16 +103,40 @@ def quantized_bins_for(spec: QuantSpec, quantized_bins: int | None) -> int:
     return quantized_bins
 
 
-def entropy_range(rows: torch.Tensor, spec: QuantSpec, bins: int = 2048, quantized_bins: int | None = None,
-                  variant: str = "onnxruntime") -> tuple[torch.Tensor, torch.Tensor]:
-    check_bins(bins)
+def check_variant(variant: object) -> str:
     if variant not in ENTROPY_VARIANTS:
         raise ValueError(f"variant must be one of {ENTROPY_VARIANTS}, got {variant!r}")
-    qb = quantized_bins_for(spec, quantized_bins)
+    return variant
+
+
+def clip_to_threshold(t: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[max(lo, -t), min(hi, t)]``; constant rows keep their value."""
+    new_lo = torch.maximum(-t, lo.to(torch.float64)).to(lo.dtype)
+    new_hi = torch.minimum(t, hi.to(torch.float64)).to(hi.dtype)
+    constant = lo == hi
+    return torch.where(constant, lo, new_lo), torch.where(constant, hi, new_hi)
+
+
+def tensorrt_bins_for(spec: QuantSpec, quantized_bins: int | None, lo: torch.Tensor, hi: torch.Tensor):
+    if quantized_bins is None:
+        return tensorrt_quantized_bins(spec, lo, hi)
+    return quantized_bins_for(spec, quantized_bins)
+
+
+def entropy_range(rows: torch.Tensor, spec: QuantSpec, bins: int = 2048, quantized_bins: int | None = None,
+                  variant: str = "tensorrt") -> tuple[torch.Tensor, torch.Tensor]:
+    check_bins(bins)
+    check_variant(variant)
+    if quantized_bins is not None:
+        quantized_bins_for(spec, quantized_bins)
     lo, hi = finite_minmax(rows)
     m = torch.maximum(lo.abs(), hi.abs())
+    if variant == "tensorrt":   # TensorRT: torch.histc(|x|, bins, 0, max|x|)
+        counts = histogram_between(rows.abs(), torch.zeros_like(m), m, bins)
+        t = tensorrt_threshold(counts, m.to(torch.float64) / bins, tensorrt_bins_for(spec, quantized_bins, lo, hi))
+        return clip_to_threshold(t, lo, hi)
     counts = histogram_between(rows, -m, m, bins)
-    return entropy_threshold(counts, lo, hi, qb, variant)
+    return entropy_threshold(counts, lo, hi, quantized_bins_for(spec, quantized_bins), variant)
 
 
 register_range_method("percentile", percentile_range)

@@ -1,0 +1,98 @@
+"""lowbit quantize: one recipe on one model, saved as a checkpoint (lb.save), with a summary.
+
+Built-in models (--model digits|mnist1d) calibrate on their own training data. A user model is
+--model package.module:factory (importable from the current directory or PYTHONPATH; called
+with no arguments) plus --state-dict FILE (torch.save(model.state_dict()) or .safetensors),
+calibrated on --calibration FILE.pt: torch.save(x) of a tensor of inputs (N, ...), split into
+--batch-size rows, or of a list of batches. Weight-only recipes (w4g128, w4g32) need no
+calibration. --test FILE.pt (a tensor of inputs, or (inputs, labels)) adds accuracy and the
+agreement with the float model; without it they are measured on the calibration inputs.
+"""
+from __future__ import annotations
+
+import argparse
+
+from ._args import fmt, import_factory, is_factory, positive_int
+
+NAME = "quantize"
+HELP = "quantize one model with one recipe and save the checkpoint"
+ORDER = 20
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..demo import BUILTIN_MODELS
+    from ..recipes import names
+
+    p.add_argument("--model", required=True, metavar="NAME|package.module:factory",
+                   help=f"a built-in model ({', '.join(sorted(BUILTIN_MODELS))}) or a user model factory")
+    p.add_argument("--recipe", default="w8a8", metavar="NAME", help=f"one of {', '.join(names())} (default w8a8)")
+    p.add_argument("--out", required=True, metavar="PATH", help="checkpoint to write (.safetensors); its directory must exist")
+    p.add_argument("--state-dict", metavar="PATH", help="weights of a user model")
+    p.add_argument("--calibration", metavar="PATH", help="calibration inputs of a user model (.pt)")
+    p.add_argument("--test", metavar="PATH", help="test inputs (and labels) of a user model (.pt)")
+    p.add_argument("--batch-size", type=positive_int, default=64, metavar="N", help="rows per calibration batch (64)")
+    p.add_argument("--calibration-batches", type=positive_int, default=8, metavar="N",
+                   help="built-in models: calibration batches of 64 training samples (default 8)")
+    p.add_argument("--threads", type=positive_int, default=None, metavar="N", help="torch threads (default: torch's)")
+    p.add_argument("--include", action="append", metavar="GLOB", help="quantize only these modules (repeatable)")
+    p.add_argument("--exclude", action="append", metavar="GLOB", help="keep these modules float (repeatable)")
+
+
+def run(args: argparse.Namespace) -> dict:
+    from .. import demo, recipes
+
+    recipe = recipes.get(args.recipe)
+    demo.check_out_path(args.out, keep=[args.state_dict, args.calibration, args.test])   # before any work
+    with demo.torch_threads(args.threads):
+        return {"model": args.model, **_dispatch(args, recipe)}
+
+
+def _dispatch(args: argparse.Namespace, recipe) -> dict:
+    """``package.module:factory`` -> the user-model path; any other name -> the built-in model of
+    that name (``lowbit.demo.BUILTIN_MODELS``: each kind brings its loader, calibration batches and
+    metrics, so a new kind such as ``minilm`` registers there and needs nothing here)."""
+    if is_factory(args.model):
+        return _user(args, recipe)
+    return _builtin(args, recipe)
+
+
+def _builtin(args: argparse.Namespace, recipe) -> dict:
+    from .. import demo
+
+    entry = demo.builtin(args.model)
+    for flag in ("state_dict", "test"):
+        if getattr(args, flag):
+            raise ValueError(f"--{flag.replace('_', '-')} is for user models; built-in model {args.model!r} brings "
+                             "its own weights and data")
+    model, data = entry.load()
+    batches = (demo.load_calibration_file(args.calibration, args.batch_size) if args.calibration
+               else entry.calibration(data, args.calibration_batches))
+    return demo.quantize_model(model, recipe, batches, args.out, include=args.include, exclude=args.exclude,
+                               evaluate=lambda f, q: entry.evaluate(f, q, data))
+
+
+def _user(args: argparse.Namespace, recipe) -> dict:
+    from .. import demo
+
+    factory = import_factory(args.model)
+    if not args.state_dict:
+        raise ValueError("--state-dict is required with a user model: pass the trained weights "
+                         "(torch.save(model.state_dict(), 'weights.pt'))")
+    model = demo.build_user_model(factory, demo.load_state_dict_file(args.state_dict))
+    batches = demo.load_calibration_file(args.calibration, args.batch_size) if args.calibration else None
+    test = demo.load_test_file(args.test) if args.test else None
+    return demo.quantize_model(model, recipe, batches, args.out, include=args.include, exclude=args.exclude,
+                               evaluate=lambda f, q: demo.user_metrics(f, q, test, batches))
+
+
+def render(result: dict) -> str:
+    lines = [f"wrote {result['out']}: {result['size_bytes']:,} bytes ({result['ratio']:.1f}x smaller than the "
+             f"float state dict, {result['float_size_bytes']:,} bytes)",
+             f"recipe {result['recipe']}: {result['description']}",
+             f"quantized {len(result['quantized'])} layers; folded {len(result['folded'])} BatchNorms"]
+    for name, why in result["skipped"].items():
+        lines.append(f"  float: {name}: {why}")
+    metrics = [k for k in ("accuracy", "float_accuracy", "agreement", "kl", "eval_on") if result.get(k) is not None]
+    if metrics:
+        lines.append("  ".join(f"{k} {fmt(result[k])}" for k in metrics))
+    return "\n".join(lines)
