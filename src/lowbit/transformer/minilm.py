@@ -116,10 +116,11 @@ def _check_threads(threads) -> None:
 
 def quantize_minilm(recipe: str = "w8a8", sentences: list[str] | None = None, *, calibration: str = "builtin",
                     calibration_size: int = CALIBRATION_SIZE, backend: str = "auto", threads: int | None = None,
-                    repeats: int = 1, model: nn.Module | None = None) -> dict:
+                    repeats: int = 1, model: nn.Module | None = None, keep_model: bool = False) -> dict:
     """Quantize MiniLM with ``recipe`` and measure it (see the module docstring); a JSON-able dict.
 
     ``model``: the float SentenceTransformer (default: ``zoo.load_minilm()``); it is not modified.
+    ``keep_model``: also return the frozen quantized transformer under ``"quantized_model"``.
     """
     resolved = _recipes.resolve(recipe, FAMILY)          # bad names fail before any work
     if backend != "auto" and backend not in _backends.BACKENDS:
@@ -151,7 +152,7 @@ def quantize_minilm(recipe: str = "w8a8", sentences: list[str] | None = None, *,
     agree = zoo.compare_embeddings(ref, emb)
     wb = weight_bytes(q)
     info = q.lowbit_info
-    return {
+    result = {
         "model": "minilm", "recipe": recipe, "resolved_recipe": resolved, "description": rec.description,
         "backend": chosen, "backend_description": _backends.BACKENDS[chosen].description,
         "backend_trial_seconds": trials, "threads": threads or torch.get_num_threads(),
@@ -165,3 +166,6 @@ def quantize_minilm(recipe: str = "w8a8", sentences: list[str] | None = None, *,
                       "quantize_seconds": st_q.lowbit_seconds["wall"],
                       "quantize_cpu_seconds": st_q.lowbit_seconds["cpu"]},
     }
+    if keep_model:
+        result["quantized_model"] = q
+    return result
