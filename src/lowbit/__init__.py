@@ -1,5 +1,6 @@
 """lowbit: quantize PyTorch models onto small integer grids, understand the error, ship the result."""
-from . import integer, modules, observers, ops, qat, transforms
+from . import analysis, integer, modules, observers, ops, qat, transforms
+from .analysis import analyze
 from .checkpoint import load, save
 from .qtensor import QTensor
 from .quantize import QuantInfo, calibrate, freeze, quant_layers, quantize
@@ -8,7 +9,7 @@ from .spec import PerChannel, PerGroup, PerTensor, PerToken, QuantSpec
 __version__ = "0.1.0"
 
 __all__ = [
-    "ops", "observers", "modules", "transforms", "qat",
+    "ops", "observers", "modules", "transforms", "qat", "analysis", "analyze",
     "QTensor", "QuantSpec", "PerTensor", "PerChannel", "PerGroup", "PerToken",
     "quantize", "calibrate", "freeze", "quant_layers", "QuantInfo", "save", "load", "integer",
     "__version__",

@@ -1,0 +1,86 @@
+"""``lowbit analyze``: where a built-in model's quantization error comes from (parsing and display only).
+
+    lowbit analyze --model digits --recipe w8a8 --out reports/digits [--budget 4] [--json]
+    lowbit analyze --model minilm --recipe w8a8 --out reports/minilm      # cosine instead of KL
+
+Quantizes the model with a named recipe of :mod:`lowbit.recipes` (calibrated on the training
+split, not frozen), runs :func:`lowbit.analyze` on the test split and writes ``report.json`` and a
+self-contained ``report.html`` to ``--out``. Nothing is written if the analysis fails.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from ._args import fmt, positive_int, table
+
+NAME = "analyze"
+HELP = "error anatomy, sensitivity, KL, certified bounds and bits of a quantized built-in model"
+ORDER = 40
+
+log = logging.getLogger("lowbit.cli.analyze")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", choices=("digits", "mnist1d", "minilm"), default="digits", help="built-in model")
+    p.add_argument("--recipe", default="w8a8", help="a named recipe of lowbit.recipes (w8a8, w4a8, w4g128, ...)")
+    p.add_argument("--out", required=True, type=Path, help="directory for report.json and report.html")
+    p.add_argument("--samples", type=positive_int, default=None,
+                   help="test inputs to analyse (default 1000; for minilm, 64 sentences)")
+    p.add_argument("--budget", type=float, default=None,
+                   help="average bits per weight for a mixed-precision suggestion (e.g. 4)")
+
+
+def run(args: argparse.Namespace) -> dict:
+    from .. import recipes, zoo
+    from ..analysis import analyze
+
+    recipe = recipes.get(args.recipe)
+    samples = args.samples or (64 if args.model == "minilm" else 1000)
+    log.info("lowbit analyze: loading %s", args.model)
+    if args.model == "minilm":
+        model, sentences = zoo.get("minilm")
+        calib = [(b,) for b in zoo.tokenized_batches(model, sentences[:128], batch_size=32)]
+        batches = [(b,) for b in zoo.tokenized_batches(model, sentences[128:128 + samples], batch_size=32)]
+        labels, metric = None, "cosine"
+    else:
+        model, data = zoo.get(args.model)
+        calib = zoo.calibration_batches(data)
+        batches = list(data.x_test[:samples].split(256))
+        labels, metric = data.y_test[:samples], "kl"
+    log.info("lowbit analyze: quantizing with %s (%s)", recipe.name, recipe.description)
+    q = recipe.apply(model, calib, freeze=False)   # unfrozen: a mixed-precision plan can still be applied
+    log.info("lowbit analyze: analysing %d layers", len(q.lowbit_info.quantized))
+    report = analyze(model, q, batches, labels=labels, metric=metric, budget=args.budget)
+    report.to_json(args.out / "report.json")
+    report.to_html(args.out / "report.html")
+    log.info("lowbit analyze: wrote %s and %s", args.out / "report.json", args.out / "report.html")
+    summary = {k: v for k, v in report.model.items() if k != "quantization"}
+    return {"model": args.model, "recipe": args.recipe, "out": str(args.out), "summary": summary,
+            "mixed": None if report.mixed is None else {k: v for k, v in report.mixed.items() if k != "candidates"},
+            "notes": report.notes, "results": report.table()}
+
+
+def render(result: dict) -> str:
+    s = result["summary"]
+    head = f"{result['model']} with {result['recipe']}: {s['samples']} inputs, {s['layers']} quantized layers"
+    if "accuracy_float" in s:
+        head += f", accuracy {100 * s['accuracy_float']:.2f}% -> {100 * s['accuracy_quant']:.2f}%"
+    if "kl" in s:
+        head += f"\nKL {s['kl']:.3g} (predicted {s['kl_predicted']:.3g}, off by {100 * s['kl_relative_error']:.1f}%)"
+    else:
+        head += f"\n{s['metric']} {s['divergence']:.3g}"
+    if s.get("certified_fraction") is not None:
+        head += (f"; certified {100 * s['certified_fraction']:.1f}% (worst-case rounding), "
+                 f"{100 * s.get('certified_fraction_exact_rounding', 0.0):.1f}% (exact rounding)")
+    head += f"; {s['bits_per_weight']:.2f} bits per weight entropy-coded"
+    keys = ["layer", "bits", "weights", "weight_sqnr_db", "weight_clip_share", "input_sqnr_db", "input_clip_share",
+            "sensitivity", "rank"]
+    body = table(keys, [[fmt(r.get(k)) if r.get(k) is not None else "-" for k in keys] for r in result["results"]])
+    mixed = ""
+    if result.get("mixed"):
+        m = result["mixed"]
+        mixed = f"\n\nmixed precision at {m['budget']:g} bits: {m['bits']} ({m['average_bits']:.2f} bits on average)"
+    notes = "".join(f"\nnote: {n}" for n in result.get("notes", []))
+    return f"{head}\n\n{body}{mixed}{notes}\n\nwrote {result['out']}/report.json and report.html"

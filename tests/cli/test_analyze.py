@@ -1,0 +1,37 @@
+"""``lowbit analyze`` on a built-in model: report.json and report.html, the summary on stdout."""
+import json
+
+import pytest
+
+from lowbit.cli import main
+
+
+def test_analyze_writes_the_report(tmp_path, capsys):
+    out = tmp_path / "report"
+    rc = main(["analyze", "--model", "digits", "--recipe", "w8a8", "--samples", "120", "--out", str(out), "--json"])
+    assert rc == 0
+    result = json.loads(capsys.readouterr().out)
+    report = json.loads((out / "report.json").read_text())
+    assert result["summary"]["samples"] == 120 == report["model"]["samples"]
+    assert result["summary"]["accuracy_quant"] == report["model"]["accuracy_quant"]
+    assert [r["layer"] for r in result["results"]] == [r["layer"] for r in report["layers"]]
+    assert report["model"]["kl"] > 0 and report["bound"]["violations"] == 0
+    html = (out / "report.html").read_text()
+    assert html.startswith("<!DOCTYPE html>") and "<svg" in html and "<script" not in html
+
+
+def test_bad_arguments_fail_cleanly_and_write_nothing(tmp_path, capsys):
+    out = tmp_path / "report"
+    assert main(["analyze", "--recipe", "w3a3", "--out", str(out)]) == 2
+    assert "recipe must be one of" in capsys.readouterr().err
+    assert not out.exists()
+    for bad in (["--samples", "0"], ["--model", "imagenet"]):
+        with pytest.raises(SystemExit):
+            main(["analyze", *bad, "--out", str(out)])
+    assert not out.exists()
+
+
+def test_human_readable_output(tmp_path, capsys):
+    assert main(["analyze", "--model", "digits", "--samples", "60", "--out", str(tmp_path), "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "KL" in text and "certified" in text and "features.0.0" in text and "report.html" in text
