@@ -132,14 +132,14 @@ def peers(st, inner, ref, texts, args, base, tmp) -> list[dict]:
     example = zoo.tokenized_batches(st, texts[:8], batch_size=8)[0]
     f32, i8 = os.path.join(tmp, "float.onnx"), os.path.join(tmp, "int8.onnx")
     exporter = export_float(inner, example, f32)
-    row_f = measure("ORT float", with_transformer(st, OrtEncoder(f32, args.threads, inner.config)), ref, texts, args, base,
-                    size_bytes=_onnx_bytes(f32), exporter=exporter)
+    ort_f = with_transformer(st, OrtEncoder(f32, args.threads, inner.config))
+    row_f = measure("ORT float", ort_f, ref, texts, args, base, size_bytes=_onnx_bytes(f32), exporter=exporter)
     rows.append(row_f)
     t0, c0 = time.perf_counter(), time.process_time()
     quantize_dynamic(f32, i8, weight_type=QuantType.QInt8)
     qt = {"quantize_seconds": time.perf_counter() - t0, "quantize_cpu_seconds": time.process_time() - c0}
-    row = measure("ORT dynamic int8", with_transformer(st, OrtEncoder(i8, args.threads, inner.config)), ref, texts, args, base,
-                  size_bytes=_onnx_bytes(i8), **qt)
+    ort_q = with_transformer(st, OrtEncoder(i8, args.threads, inner.config))
+    row = measure("ORT dynamic int8", ort_q, ref, texts, args, base, size_bytes=_onnx_bytes(i8), **qt)
     row["speedup_vs_ort_float"] = row_f["seconds"] / row["seconds"]
     rows.append(row)
     return rows

@@ -24,7 +24,8 @@ def test_json_summary_and_checkpoint(capsys, tmp_path):
     f = tmp_path / "mine.txt"
     f.write_text("\n".join(sentences) + "\n")
     out = tmp_path / "minilm-w8.safetensors"
-    code, stdout, err = _run(capsys, "--recipe", "w8a8-dynamic", "--sentences", f, "--threads", "1", "--out", out, "--json")
+    code, stdout, err = _run(capsys, "--recipe", "w8a8-dynamic", "--sentences", f, "--threads", "1", "--out", out,
+                             "--json")
     assert code == 0, err
     s = json.loads(stdout)
     assert set(s["float"]) >= {"seconds"} and set(s["quantized"]) >= {

@@ -78,3 +78,17 @@ def test_unavailable_and_unknown_backends(frozen, registry):
         B.register_backend("torch")
     with pytest.raises(ValueError, match="could run"):
         B.fastest(q, batches, ["absent"])
+
+
+def test_preferred_takes_the_first_backend_that_builds(frozen, registry):
+    q, batches = frozen
+
+    def broken(q, example, threads):
+        raise NotImplementedError("cannot export this")
+
+    B.register_backend(B.Backend("broken", "fails", broken))
+    name, module, failed = B.preferred(q, batches[0], order=("absent-name", "broken", "torch", "integer"))
+    assert name == "torch" and module is q and set(failed) == {"broken"} and "cannot export" in failed["broken"]
+    with pytest.raises(ValueError, match="could run"):
+        B.preferred(q, batches[0], order=("broken",))
+    assert B.AUTO_ORDER[-1] == "torch"      # the reference path is the last resort

@@ -5,8 +5,8 @@ Quantizes the transformer with the recipe's transformer variant (``w8a8`` -> ``w
 ``--calibrate-on file``, on every 4th line of --sentences, then left out of the evaluation),
 evaluates on the built-in 512 sentences or on --sentences FILE (UTF-8, one sentence per line),
 and times the encode of the float model and of the quantized one on --backend (``auto``: the
-fastest available; the result names it). --out FILE.safetensors also saves the quantized
-transformer (lb.save).
+first that works in the order measured fastest; the result names it). --out FILE.safetensors
+also saves the quantized transformer (lb.save).
 """
 from __future__ import annotations
 
@@ -23,11 +23,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sentences", metavar="FILE", help="evaluate on these sentences (UTF-8 text, one per line) "
                    "instead of the built-in 512")
     g.add_argument("--calibrate-on", choices=("builtin", "file"), default="builtin",
-                   help="calibration sentences: built-in ones not evaluated (default), or every 4th line of --sentences")
+                   help="calibration sentences: built-in ones not evaluated (default), or every 4th line of "
+                   "--sentences")
     g.add_argument("--calibration-size", type=positive_int, default=128, metavar="N",
                    help="calibration sentences (default 128)")
     g.add_argument("--backend", default="auto", metavar="NAME",
-                   help="what runs the quantized model: auto (the fastest available), torch, integer, onnxruntime")
+                   help="what runs the quantized model: auto (the first that works of onnxruntime, fast-ort, "
+                   "fast-torch, torch), fastest (time each), or one of those names, or integer")
     g.add_argument("--repeats", type=positive_int, default=1, metavar="N", help="timed encodes, best kept (default 1)")
 
 
@@ -69,7 +71,8 @@ def render(r: dict) -> str:
     f, q = r["float"], r["quantized"]
     lines = [f"minilm, recipe {r['recipe']} -> {r['resolved_recipe']}: {r['description']}",
              f"{r['sentences']} sentences; calibrated on {r['calibration_sentences']} ({r['calibration_source']})",
-             f"cosine to float: mean {fmt(q['cosine_mean'])}, min {fmt(q['cosine_min'])}; Spearman {fmt(q['spearman'])}",
+             f"cosine to float: mean {fmt(q['cosine_mean'])}, min {fmt(q['cosine_min'])}; "
+             f"Spearman {fmt(q['spearman'])}",
              f"encode: float {f['seconds']:.2f} s, quantized {q['seconds']:.2f} s on {r['backend']} "
              f"({q['speedup']:.2f}x); quantizing took {q['quantize_seconds']:.1f} s",
              f"size: {q['size_bytes']:,} bytes (float {f['size_bytes']:,}); quantized weights {q['weight_bytes']:,} "

@@ -10,11 +10,18 @@ back into the ``SentenceTransformer``. Built in:
 * ``"integer"``: :func:`lowbit.integer.to_integer`: exact integer GEMMs and requantization. A
   reference path for checking integer arithmetic, not built for speed.
 * ``"onnxruntime"``: the QDQ ONNX graph of :mod:`lowbit.export`, run by ONNX Runtime (its integer
-  kernels). Registered only when ``lowbit.export`` provides ``ort_module``.
+  kernels). Available when ``lowbit.export`` provides ``ort_module``.
+* ``"fast-ort"`` / ``"fast-torch"``: :func:`lowbit.integer.fast`: the graph exported with
+  ``MatMulInteger`` run by ONNX Runtime, or torch's int8 GEMM (``_int_mm``) on lowbit's codes with
+  other layers' weights dequantized once. Available when ``lowbit.integer`` provides ``fast``.
 
-Other fast paths join with :func:`register_backend`. :func:`fastest` times the available backends
-on a few batches and keeps the quickest (the choice ``lowbit quantize --backend auto`` makes);
-it leaves out reference paths (``auto=False``: ``"integer"``).
+Other fast paths join with :func:`register_backend`. :func:`preferred` builds the first available
+backend of :data:`AUTO_ORDER` that accepts the model (``lowbit quantize --backend auto``): the
+order measured fastest on MiniLM (``benchmarks/bench_transformer.py``: ONNX Runtime on the QDQ
+graph ran W8A8 2.8x and 4-bit weights 1.9x faster than float torch; lowbit's torch modules are
+slower than float). :func:`fastest` instead builds and times every candidate on a few batches
+(``--backend fastest``; exporting twice costs tens of seconds); both leave out reference paths
+(``auto=False``: ``"integer"``).
 """
 from __future__ import annotations
 
@@ -28,7 +35,8 @@ from torch import nn
 
 from .. import batches as _batches
 
-__all__ = ["Backend", "BACKENDS", "register_backend", "available", "candidates", "build", "fastest"]
+__all__ = ["Backend", "BACKENDS", "AUTO_ORDER", "register_backend", "available", "candidates", "build", "preferred",
+           "fastest"]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +54,7 @@ class Backend:
 
 
 BACKENDS: dict[str, Backend] = {}
+AUTO_ORDER = ("onnxruntime", "fast-ort", "fast-torch", "torch")   # fastest first, as measured on MiniLM
 
 
 def register_backend(backend: Backend) -> Backend:
@@ -83,6 +92,28 @@ def build(name: str, q: nn.Module, example_batch, threads: int | None = None) ->
     return BACKENDS[name].build(q, example_batch, threads)
 
 
+_BUILD_ERRORS = (ValueError, TypeError, RuntimeError, ImportError, NotImplementedError)
+
+
+def preferred(q: nn.Module, example_batch, threads: int | None = None,
+              order: Sequence[str] = AUTO_ORDER) -> tuple[str, nn.Module, dict[str, str]]:
+    """``(name, module, why the ones before it failed)`` for the first backend of ``order`` that is
+    available and builds for ``q`` (then runs ``example_batch``)."""
+    failed: dict[str, str] = {}
+    for name in order:
+        if name not in BACKENDS or name not in available():
+            continue
+        try:
+            module = build(name, q, example_batch, threads)
+            _run_all(module, [example_batch])
+        except _BUILD_ERRORS as e:
+            log.warning("backend %s cannot run this model: %s", name, e)
+            failed[name] = f"{type(e).__name__}: {e}"
+            continue
+        return name, module, failed
+    raise ValueError(f"none of the backends {list(order)} could run the model: {failed}")
+
+
 def _run_all(module: nn.Module, batches: Sequence) -> None:
     with torch.no_grad():
         for b in batches:
@@ -111,7 +142,7 @@ def fastest(q: nn.Module, batches: Sequence, names: Sequence[str] | None = None,
                 t0 = time.perf_counter()
                 _run_all(module, batches)
                 best = min(best, time.perf_counter() - t0)
-        except (ValueError, TypeError, RuntimeError, ImportError, NotImplementedError) as e:
+        except _BUILD_ERRORS as e:
             log.warning("backend %s cannot run this model: %s", name, e)
             seconds[name] = None
             continue
@@ -144,9 +175,29 @@ def _ort(q: nn.Module, example, threads):
     return ort_module(q, example, threads=threads)
 
 
+def _fast_available() -> bool:
+    from ..integer import fast   # noqa: F401  (ImportError: not available)
+
+    return True
+
+
+def _fast(kind: str):
+    def build(q: nn.Module, example, threads):
+        from ..integer import fast
+
+        if kind == "ort":
+            return fast(q, backend="ort", example_inputs=example, threads=threads)
+        return fast(q, backend="torch")
+    return build
+
+
 register_backend(Backend("torch", "lowbit's torch modules: float GEMMs on dequantized weights (fake-quant reference)",
                          _torch))
 register_backend(Backend("integer", "lowbit.integer: exact integer GEMMs and requantization (reference, not fast)",
                          _integer, auto=False))
 register_backend(Backend("onnxruntime", "QDQ ONNX graph (lowbit.export) run by ONNX Runtime's integer kernels",
                          _ort, _ort_available))
+register_backend(Backend("fast-ort", "lowbit.integer.fast: MatMulInteger ONNX graph run by ONNX Runtime",
+                         _fast("ort"), _fast_available))
+register_backend(Backend("fast-torch", "lowbit.integer.fast: torch int8 GEMMs (_int_mm), other weights dequantized once",
+                         _fast("torch"), _fast_available))

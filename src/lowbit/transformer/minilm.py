@@ -13,8 +13,10 @@ What ``lowbit quantize --model minilm --recipe NAME [--sentences FILE] --json`` 
 4. the float and the quantized model encode the evaluation sentences: per-sentence cosine to the
    float embeddings (mean, min), Spearman of the pairwise similarities, and the encode time of
    each (best of ``repeats``, wall and CPU). The quantized model runs on ``backend``: a name of
-   :mod:`lowbit.transformer.backends`, or ``"auto"`` for the fastest available one, timed on a
-   few batches (the JSON says which ran, and the trial times).
+   :mod:`lowbit.transformer.backends`, ``"auto"`` (the first that works in the measured order
+   :data:`~lowbit.transformer.backends.AUTO_ORDER`) or ``"fastest"`` (every candidate built and
+   timed on 64 sentences). The JSON names the backend that ran (and the trial times, or why the
+   preferred ones could not run).
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ FAMILY = "transformer"
 MIN_SENTENCES = 4          # Spearman of pairwise similarities needs a few sentences
 CALIBRATION_SIZE = 128
 CALIBRATION_CHOICES = ("builtin", "file")
+_AUTO = ("auto", "fastest")
 
 
 def read_sentences(path: str | Path) -> list[str]:
@@ -123,9 +126,9 @@ def quantize_minilm(recipe: str = "w8a8", sentences: list[str] | None = None, *,
     ``keep_model``: also return the frozen quantized transformer under ``"quantized_model"``.
     """
     resolved = _recipes.resolve(recipe, FAMILY)          # bad names fail before any work
-    if backend != "auto" and backend not in _backends.BACKENDS:
-        raise ValueError(f"backend must be 'auto' or one of {list(_backends.BACKENDS)}, got {backend!r}")
-    if backend != "auto" and backend not in _backends.available():
+    if backend not in _AUTO and backend not in _backends.BACKENDS:
+        raise ValueError(f"backend must be 'auto', 'fastest' or one of {list(_backends.BACKENDS)}, got {backend!r}")
+    if backend not in _AUTO and backend not in _backends.available():
         raise ValueError(f"backend {backend!r} is not available in this installation; available: "
                          f"{_backends.available()}")
     _check_threads(threads)
@@ -141,10 +144,13 @@ def quantize_minilm(recipe: str = "w8a8", sentences: list[str] | None = None, *,
         st_q = quantize_sentence_model(st, rec, calib if rec.needs_calibration else None)
         q = zoo.transformer_of(st_q)
         trial = zoo.tokenized_batches(st, evals[:64], batch_size=32)
+        failed, trials = {}, {}
         if backend == "auto":
+            chosen, runner, failed = _backends.preferred(q, trial[0], threads)
+        elif backend == "fastest":
             chosen, runner, trials = _backends.fastest(q, trial, _backends.candidates(), threads)
         else:
-            chosen, runner, trials = backend, _backends.build(backend, q, trial[0], threads), {}
+            chosen, runner = backend, _backends.build(backend, q, trial[0], threads)
     finally:
         torch.set_num_threads(old)
     runnable = with_transformer(st_q, runner) if runner is not q else st_q
@@ -155,7 +161,7 @@ def quantize_minilm(recipe: str = "w8a8", sentences: list[str] | None = None, *,
     result = {
         "model": "minilm", "recipe": recipe, "resolved_recipe": resolved, "description": rec.description,
         "backend": chosen, "backend_description": _backends.BACKENDS[chosen].description,
-        "backend_trial_seconds": trials, "threads": threads or torch.get_num_threads(),
+        "backend_trial_seconds": trials, "backends_failed": failed, "threads": threads or torch.get_num_threads(),
         "sentences": len(evals), "calibration_sentences": len(calib) if rec.needs_calibration else 0,
         "calibration_source": calibration if rec.needs_calibration else None,
         "quantized_layers": len(info.quantized), "float_modules": sorted(info.skipped),

@@ -1,11 +1,11 @@
 """Quantize a sentence-embedding model (a sentence-transformers ``SentenceTransformer``) with a recipe.
 
-The quantizer works on the Hugging Face transformer inside (``BertModel`` for MiniLM, :func:`lowbit.zoo.transformer_of`): every
-``nn.Linear`` is quantized, embeddings, LayerNorms, attention softmax and pooling stay float (they
-are listed in ``lowbit_info.skipped``). Calibration batches are the tokenizer's outputs (dicts of
-``input_ids``/``attention_mask``/``token_type_ids``, :func:`lowbit.zoo.tokenized_batches`). The quantized
-transformer is put back into a copy of the ``SentenceTransformer``, so ``model.encode`` and the
-zoo's evaluation run it exactly like the float model::
+The quantizer works on the Hugging Face transformer inside (``BertModel`` for MiniLM,
+:func:`lowbit.zoo.transformer_of`): every ``nn.Linear`` is quantized; embeddings, LayerNorms,
+attention softmax and pooling stay float (listed in ``lowbit_info.skipped``). Calibration batches
+are the tokenizer's outputs (dicts of ``input_ids``/``attention_mask``/``token_type_ids``, from
+:func:`lowbit.zoo.tokenized_batches`). The quantized transformer is put back into a copy of the
+``SentenceTransformer``, so ``model.encode`` and the zoo's evaluation run it like the float model::
 
     st_q = quantize_sentence_model(st, recipes.get("w8a8", family="transformer"), calibration_sentences)
     zoo.evaluate_minilm(st_q, sentences, reference=float_embeddings)
