@@ -1,7 +1,8 @@
 """lowbit: quantize PyTorch models onto small integer grids, understand the error, ship the result."""
-from . import analysis, integer, modules, observers, ops, qat, transforms
+from . import analysis, integer, modules, observers, ops, qat, recipes, transforms
 from .analysis import analyze
 from .checkpoint import load, save
+from .gptq import GPTQReport, gptq
 from .qtensor import QTensor
 from .quantize import QuantInfo, calibrate, freeze, quant_layers, quantize
 from .spec import PerChannel, PerGroup, PerTensor, PerToken, QuantSpec
@@ -12,5 +13,6 @@ __all__ = [
     "ops", "observers", "modules", "transforms", "qat", "analysis", "analyze",
     "QTensor", "QuantSpec", "PerTensor", "PerChannel", "PerGroup", "PerToken",
     "quantize", "calibrate", "freeze", "quant_layers", "QuantInfo", "save", "load", "integer",
+    "gptq", "GPTQReport", "recipes",
     "__version__",
 ]

@@ -90,3 +90,19 @@ def test_stochastic_rounding_only_while_training():
 def test_bad_act_quantizer_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ActQuantizer(**kwargs)
+
+
+def test_inference_reuses_the_fake_quantized_weight_until_the_weight_changes():
+    w = torch.nn.Parameter(torch.randn(8, 16))
+    wq = WeightQuantizer(lb.QuantSpec(bits=4, granularity=lb.PerGroup(4)))
+    with torch.no_grad():
+        first = wq(w)
+        assert wq(w) is first  # cached
+        expected = ops.fake_quantize(w.detach(), wq.spec, *ops.choose_qparams(w.detach(), wq.spec))
+        assert torch.equal(first, expected)
+        w.add_(1.0)  # an optimizer step
+        second = wq(w)
+    assert second is not first
+    assert torch.equal(second, ops.fake_quantize(w.detach(), wq.spec, *ops.choose_qparams(w.detach(), wq.spec)))
+    y = wq(w)  # with grad enabled: a fresh differentiable tensor
+    assert y.requires_grad and y is not second

@@ -115,7 +115,19 @@ class WeightQuantizer(Quantizer):
         if not self.enabled:
             return w
         scale, zero_point = self.qparams(w)
-        return self.fake_quantize(self.gemm_view(w), scale, zero_point).reshape(w.shape)
+        differentiable = torch.is_grad_enabled() and w.requires_grad
+        if differentiable or self.active_spec().rounding != "nearest":
+            return self.fake_quantize(self.gemm_view(w), scale, zero_point).reshape(w.shape)
+        # inference: the fake-quantized weight only changes with the weight or the grid, so it is
+        # computed once (calibration, evaluation and GPTQ passes reuse it)
+        key = (w.data_ptr(), w._version, tuple(w.shape), scale.data_ptr(), scale._version, zero_point.data_ptr())
+        cached = self.__dict__.get("_fq_cache")
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                out = self.fake_quantize(self.gemm_view(w), scale, zero_point).reshape(w.shape)
+            cached = (key, out)
+            self.__dict__["_fq_cache"] = cached
+        return cached[1]
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", observer={self.observer}" + (", fixed" if self.fixed else "")

@@ -10,6 +10,7 @@ from .grid import dequantize, quantize, stochastic_round
 from .params import from_rows, to_rows
 from .qparams import RANGE_METHODS, choose_qparams, range_to_qparams
 from . import ranges as _ranges  # noqa: F401  (registers percentile, mse, entropy, moving_average)
+from . import hqq as _hqq  # noqa: F401  (registers hqq)
 from .sweep import ClipSweep, clip_sweep
 
 __all__ = [

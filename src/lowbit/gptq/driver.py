@@ -1,0 +1,236 @@
+"""``lb.gptq``: GPTQ over a whole quantized model, layer after layer.
+
+Sequential, as in the paper: the layers are quantized in the order the model calls them, and
+each one's Hessian is collected from the inputs the *already quantized* earlier layers produce.
+Every step runs the calibration batches through the model with a forward pre-hook on the layers
+still to do; the first one called opens a *group* together with the layers called on the very
+same input tensor (``q``/``k``/``v`` projections, parallel branches), which cannot affect each
+other; the pass stops (by an exception the driver catches) as soon as another pending layer is
+about to run. The group is then quantized and pinned, and the next step starts. Only one group's
+Hessians (``d x d`` each) are held at a time.
+
+A layer called several times per forward (shared weights) sees only the calls before the next
+pending layer; layers no batch reaches keep round to nearest and are listed as ``unreached``.
+"""
+from __future__ import annotations
+
+import fnmatch
+import logging
+import time
+from typing import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from .. import ops
+from ..modules import QuantLayer, WeightQuantizer
+from ..quantize import quant_layers
+from ..spec import PerTensor
+from .inputs import Hessian, gemm_inputs, run_batch, to_device
+from .report import GPTQReport, LayerReport, output_error
+from .solver import check_spec, solve
+
+__all__ = ["gptq"]
+
+log = logging.getLogger(__name__)
+
+
+class _Stop(Exception):
+    """Raised inside a forward to end a pass once the current group has seen its inputs."""
+
+
+class _Collector:
+    """Forward pre-hook state: the current group's layers, Hessians and shared input."""
+
+    def __init__(self, pending: dict[QuantLayer, str], dtype_of) -> None:
+        self.pending = pending
+        self.dtype_of = dtype_of
+        self.group: dict[QuantLayer, Hessian] = {}
+        self.batch_input: torch.Tensor | None = None
+
+    def new_batch(self) -> None:
+        self.batch_input = None
+
+    def __call__(self, layer: nn.Module, args: tuple) -> None:
+        if layer not in self.pending or not args:
+            return
+        x = args[0]
+        if self.batch_input is None and (not self.group or layer in self.group):
+            self.batch_input = x
+        elif not (layer in self.group or x is self.batch_input):
+            raise _Stop
+        hess = self.group.setdefault(layer, Hessian(self.dtype_of(layer)))
+        with torch.no_grad():
+            hess.add(gemm_inputs(layer, x))
+
+
+def _compute_dtype(w: torch.Tensor) -> torch.dtype:
+    return torch.float64 if w.dtype == torch.float64 else torch.float32
+
+
+def _select(model: nn.Module, include, exclude) -> list[tuple[str, QuantLayer]]:
+    layers = quant_layers(model)
+    if not layers:
+        raise ValueError("gptq: model has no quantized layer; call lb.quantize(model, weights=...) first")
+    names = [n for n, _ in layers]
+    sel = []
+    for arg, pats in (("include", include), ("exclude", exclude)):
+        if pats is None:
+            continue
+        pats = [pats] if isinstance(pats, str) else list(pats)
+        for p in pats:
+            if not isinstance(p, str) or not any(fnmatch.fnmatchcase(n, p) for n in names):
+                raise ValueError(f"gptq: {arg} pattern {p!r} matches no quantized layer; names look like "
+                                 f"{names[:6]}")
+        sel.append((arg, pats))
+    out = []
+    for name, layer in layers:
+        ok = all((arg == "include") == any(fnmatch.fnmatchcase(name, p) for p in pats) for arg, pats in sel)
+        if ok and layer.weight_quant.enabled:
+            out.append((name, layer))
+    for name, layer in out:
+        if layer.frozen:
+            raise ValueError(f"gptq: layer {name!r} is frozen; run lb.gptq before lb.freeze")
+        try:
+            check_spec(layer.weight_quant.spec)
+        except ValueError as e:
+            raise ValueError(f"layer {name!r}: {e}") from None
+    return out
+
+
+def _check_args(damp, block_size, act_order) -> None:
+    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not damp >= 0:
+        raise ValueError(f"damp must be a number >= 0 (a fraction of mean(diag H), e.g. 0.01), got {damp!r}")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be an int >= 1 (e.g. 128), got {block_size!r}")
+    if not isinstance(act_order, bool):
+        raise TypeError(f"act_order must be a bool, got {act_order!r}")
+
+
+def _quantize_layer(name: str, layer: QuantLayer, hess: Hessian, damp: float, block_size: int,
+                    act_order: bool) -> LayerReport:
+    t0 = time.perf_counter()
+    wq_mod: WeightQuantizer = layer.weight_quant
+    spec = wq_mod.spec
+    weight = layer.weight.detach()
+    w = WeightQuantizer.gemm_view(weight).to(_compute_dtype(weight))
+    hsum = hess.sum
+    groups = hsum.shape[0]
+    rows = w.shape[0]
+    # round to nearest on the layer's own grid, for the report
+    s_rtn, z_rtn = wq_mod.qparams(layer.weight)
+    w_rtn = ops.fake_quantize(w, spec.replace(rounding="nearest"), s_rtn, z_rtn)
+    # a per-tensor grid is one grid for all the GEMM groups of a grouped convolution
+    grid = ops.choose_qparams(w, spec, wq_mod.observer, **wq_mod.observer_options) \
+        if groups > 1 and isinstance(spec.granularity, PerTensor) else None
+    outs, scales, zps, lams = [], [], [], []
+    chunk = rows // groups
+    for g in range(groups):
+        out, s, z, lam = solve(w[g * chunk:(g + 1) * chunk], hsum[g], spec, wq_mod.observer,
+                               wq_mod.observer_options, damp=damp, block_size=block_size, act_order=act_order,
+                               grid=grid)
+        outs.append(out), scales.append(s), zps.append(z), lams.append(lam)
+    w_q = torch.cat(outs)
+    if groups == 1 or grid is not None:
+        scale, zero_point = scales[0], zps[0]
+    else:
+        scale, zero_point = torch.cat(scales), torch.cat(zps)
+    errors = {"rtn_error": output_error(w - w_rtn, hsum, hess.n), "gptq_error": output_error(w - w_q, hsum, hess.n),
+              "output_power": output_error(w, hsum, hess.n)}
+    with torch.no_grad():
+        layer.weight.copy_(w_q.reshape(weight.shape).to(weight.dtype))
+    wq_mod.fix_qparams(scale, zero_point)
+    return LayerReport(name=name, rows=rows, columns=w.shape[1], samples=hess.n, damp=max(lams),
+                       seconds=time.perf_counter() - t0, **errors)
+
+
+def gptq(q: nn.Module, batches: Iterable, *, damp: float = 0.01, block_size: int = 128, act_order: bool = False,
+         include: Sequence[str] | str | None = None, exclude: Sequence[str] | str | None = None) -> GPTQReport:
+    """Quantize the weights of ``q`` (from ``lb.quantize``, before ``lb.freeze``) by GPTQ, in place.
+
+    Frantar et al. 2022, "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
+    Transformers"; the per-matrix algorithm is in :mod:`lowbit.gptq.solver`, the layer order in
+    this module's docstring. Each layer's float master weight is replaced by its GPTQ weight, which
+    lies exactly on the grid, and that grid is pinned (``weight_quant.fix_qparams``), so the
+    module's forward and ``lb.freeze`` reproduce GPTQ's integers exactly. The grid's range method
+    is the layer's own (``weight_observer`` of ``lb.quantize``).
+
+    Args:
+        batches: calibration inputs, iterated once per layer group: each a tensor (``q(x)``), a
+            tuple of positional args (``q(*args)``) or a dict of keyword args (``q(**kwargs)``).
+            A one-shot iterator is materialized into a list.
+        damp: diagonal damping, as a fraction of ``mean(diag H)``.
+        block_size: columns per lazy update block (only speed depends on it).
+        act_order: quantize columns in order of decreasing ``diag(H)``; per-group grids are then
+            fitted up front to the original weights (static groups).
+        include / exclude: glob patterns over layer names selecting the layers to run GPTQ on
+            (the others keep round to nearest).
+
+    Returns a :class:`GPTQReport`. If anything fails, every layer's weight and grid is restored.
+    """
+    if not isinstance(q, nn.Module):
+        raise TypeError(f"q must be a torch.nn.Module from lb.quantize, got {type(q).__name__}")
+    _check_args(damp, block_size, act_order)
+    if isinstance(batches, torch.Tensor) or isinstance(batches, dict):
+        raise TypeError("batches must be an iterable of batches (e.g. a list [x1, x2] or a DataLoader), "
+                        "not a single batch; wrap it: [x]")
+    try:
+        batches = list(batches) if iter(batches) is batches else batches
+    except TypeError:
+        raise TypeError(f"batches must be an iterable of model inputs, got {type(batches).__name__}") from None
+    if not any(True for _ in batches):
+        raise ValueError("batches is empty: GPTQ needs calibration inputs")
+    selected = _select(q, include, exclude)
+    pending = {layer: name for name, layer in selected}
+    device = next((t.device for t in q.parameters()), torch.device("cpu"))
+
+    backup = {layer: (layer.weight.detach().clone(), layer.weight_quant.scale, layer.weight_quant.zero_point,
+                      layer.weight_quant.fixed) for layer in pending}
+    report = GPTQReport()
+    t_start = time.perf_counter()
+    collector = _Collector(pending, lambda layer: _compute_dtype(layer.weight))
+    hooks = [layer.register_forward_pre_hook(collector) for layer in pending]
+    was_training = q.training
+    q.eval()
+    # During the passes the selected layers run on their float master weights: a finished layer's
+    # weight is exactly on its pinned grid (fake quantization would return it unchanged), and a
+    # pending layer's output is never used before the pass stops. This skips the fake quantization.
+    for layer in pending:
+        layer.weight_quant.enabled = False
+    ok = False
+    try:
+        while pending:
+            collector.group = {}
+            with torch.no_grad():
+                for batch in batches:
+                    collector.new_batch()
+                    try:
+                        run_batch(q, to_device(batch, device))
+                    except _Stop:
+                        pass
+            if not collector.group:
+                break
+            for layer, hess in collector.group.items():
+                name = pending.pop(layer)
+                r = _quantize_layer(name, layer, hess, float(damp), block_size, act_order)
+                log.info("gptq %s: output error %.3e -> %.3e (%.1fx)", name, r.rtn_error, r.gptq_error, r.gain)
+                report.layers.append(r)
+        report.unreached = list(pending.values())
+        ok = True
+    finally:
+        for h in hooks:
+            h.remove()
+        for layer in backup:
+            layer.weight_quant.enabled = True
+        q.train(was_training)
+        if not ok:
+            with torch.no_grad():
+                for layer, (w, s, z, fixed) in backup.items():
+                    layer.weight.copy_(w)
+                    layer.weight_quant.scale, layer.weight_quant.zero_point = s, z
+                    layer.weight_quant.fixed = fixed
+    if report.unreached:
+        log.warning("gptq: %d layers were not reached by the calibration batches and keep round to nearest: %s",
+                    len(report.unreached), report.unreached)
+    report.seconds = time.perf_counter() - t_start
+    return report

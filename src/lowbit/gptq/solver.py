@@ -1,0 +1,176 @@
+"""GPTQ's solver for one weight matrix: quantize column by column, compensating the rest.
+
+Frantar, Ashkboos, Hoefler & Alistarh 2022, "GPTQ: Accurate Post-Training Quantization for
+Generative Pre-trained Transformers" (building on Optimal Brain Surgeon, Hassibi & Stork 1993, and
+Optimal Brain Compression, Frantar & Alistarh 2022).
+
+Problem. A layer computes ``y = W x`` with ``W`` of shape ``[rows, d]``; over calibration inputs
+``X = [x_1 .. x_n]`` the output error of a quantized ``W^`` is::
+
+    ||W X - W^ X||_F^2 = tr((W - W^) H (W - W^)^T) / 2,       H = 2 X X^T
+
+Rows are independent and share ``H``. GPTQ quantizes the columns in one fixed order; when column
+``q`` is rounded, the not-yet-quantized columns ``F`` absorb its error (the OBS update)::
+
+    err   = (w_q - quant(w_q)) / [H_F^-1]_qq
+    w_F  -= err * [H_F^-1]_{q, F}
+    H_{F \\ q}^-1 = (H_F^-1 - H_F^-1[:, q] H_F^-1[q, :] / [H_F^-1]_qq) restricted to F \\ q
+
+With a fixed order the rows of the successive downdated inverses are the rows of the upper
+Cholesky factor ``U`` of ``H^-1`` (``H^-1 = U^T U``): ``[H_F^-1]_{q, F} = U_qq U_{q, F}``, so the update
+is ``w_F -= (w_q - quant(w_q)) / U_qq * U_{q, F}``. Updates are applied lazily: the columns after a block of
+``block_size`` columns receive the block's updates once (one GEMM); inside the block, each column
+gathers the updates of the block's earlier columns when its turn comes (one GEMV).
+
+Numerics: ``H`` is damped by ``damp * mean(diag H)`` on the diagonal (retried with 10x more if
+the Cholesky factorization fails); a *dead* input (``H_ii = 0``, never non-zero in calibration)
+gets ``H_ii = 1``, which makes its column independent (plain rounding, no error spread). Unlike the
+reference implementation, its weights are kept, not zeroed: calibration says nothing about them.
+
+Grids. Per-tensor and per-channel grids are fitted once, to the original weights (with the
+layer's range method). A per-group grid (``PerGroup(size)`` along the input dimension) is fitted
+when its first column comes up, to the *current* (error-updated) weights of the group, as the
+reference does (here exactly: pending in-block updates are included). With ``act_order`` (columns
+in order of decreasing ``diag(H)``) the groups stay the contiguous groups of the natural order
+("static groups"): every group's grid is fitted up front to the original weights.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from .. import ops
+from ..spec import PerChannel, PerGroup, PerTensor, QuantSpec
+
+__all__ = ["solve", "check_spec", "inverse_hessian_factor"]
+
+log = logging.getLogger(__name__)
+
+
+def check_spec(spec: QuantSpec) -> None:
+    """Raise ``ValueError`` unless GPTQ can use the grid of ``spec`` on a ``[rows, d]`` GEMM weight."""
+    g = spec.granularity
+    if isinstance(g, PerTensor):
+        return
+    if isinstance(g, PerChannel) and g.axis in (0, -2):
+        return
+    if isinstance(g, PerGroup) and g.axis in (1, -1):
+        return
+    raise ValueError(f"gptq: weight granularity {g!r} is not supported; GPTQ needs PerTensor(), PerChannel(0) "
+                     "or PerGroup(size) along the input dimension (axis=-1)")
+
+
+def inverse_hessian_factor(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor ``U`` of ``(H + lambda I)^-1`` (``U^T U = (H + lambda I)^-1``) and ``lambda``.
+
+    With ``J`` the order-reversing permutation and ``J H J = L L^T`` (Cholesky), ``U = J L^-1 J``:
+    it is upper triangular with a positive diagonal and ``U^T U = J L^-T L^-1 J = H^-1``; one
+    factorization and one triangular inverse. Computed in float64. ``h`` must already have its
+    dead diagonal entries set. ``lambda = damp * mean(diag H)``, multiplied by 10 (up to 6 times)
+    while ``H + lambda I`` is not numerically positive definite.
+    """
+    h = h.to(torch.float64)
+    d = h.shape[0]
+    mean_diag = float(h.diagonal().mean())
+    lam = damp * mean_diag
+    eye = torch.eye(d, dtype=torch.float64, device=h.device)
+    rev = h.flip(0, 1)
+    for _ in range(7):
+        chol, info = torch.linalg.cholesky_ex(rev + lam * eye)
+        if int(info) == 0:
+            u = torch.linalg.solve_triangular(chol, eye, upper=False).flip(0, 1)
+            if bool(torch.isfinite(u).all()):
+                return u, lam
+        lam = max(lam * 10.0, 1e-6 * max(mean_diag, 1e-12))
+        log.warning("gptq: Hessian not positive definite, retrying with damping %.3g", lam)
+    raise ValueError("gptq: the input Hessian stays singular even with heavy damping; the calibration "
+                     "inputs may contain inf/NaN, or pass a larger damp")
+
+
+def _row_spec(spec: QuantSpec) -> QuantSpec:
+    return spec.replace(granularity=PerChannel(0), rounding="nearest")
+
+
+def _fit(w: torch.Tensor, spec: QuantSpec, observer: str, options: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    return ops.choose_qparams(w, spec, observer, **options)
+
+
+def solve(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, observer: str = "minmax",
+          observer_options: dict | None = None, *, damp: float = 0.01, block_size: int = 128,
+          act_order: bool = False, grid: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """Quantize ``w`` ``[rows, d]`` by GPTQ given ``h`` ``[d, d]`` (any positive multiple of ``X X^T``).
+
+    Computes in ``w``'s dtype (float32 or float64); the grid comes from
+    ``ops.choose_qparams(..., observer, **observer_options)``. Returns ``(w_q, scale, zero_point,
+    lambda)``: ``w_q`` lies exactly on the grid (``ops.fake_quantize(w_q, spec, scale, zero_point)
+    == w_q``) and the parameters have the ONNX shapes of ``spec`` for ``[rows, d]``. ``grid`` pins
+    the ``(scale, zero_point)`` of a per-tensor or per-channel spec instead of fitting it.
+    """
+    check_spec(spec)
+    options = dict(observer_options or {})
+    spec = spec.replace(rounding="nearest")
+    rows, d = w.shape
+    dtype = w.dtype
+    h = h.to(torch.float64).clone()
+    diag = h.diagonal()
+    dead = diag <= 0
+    h[dead, dead] = 1.0
+    perm = torch.argsort(h.diagonal(), descending=True, stable=True) if act_order else None
+    if perm is not None:
+        h = h[perm][:, perm]
+    u, lam = inverse_hessian_factor(h, damp)
+    u = u.to(dtype)
+
+    grouped = isinstance(spec.granularity, PerGroup)
+    size = spec.granularity.size if grouped else d
+    n_groups = -(-d // size)
+    if grouped and act_order:  # static groups, fitted to the original weights
+        scale, zero_point = _fit(w, spec, observer, options)
+    elif grouped:
+        scale = torch.empty(rows, n_groups, dtype=torch.float64 if dtype == torch.float64 else torch.float32,
+                            device=w.device)
+        zero_point = torch.empty(rows, n_groups, dtype=torch.int32, device=w.device)
+    elif grid is not None:
+        scale, zero_point = grid
+    else:
+        scale, zero_point = _fit(w, spec, observer, options)
+    row_spec = _row_spec(spec)
+
+    # per-column grid, in the compute dtype: one row of (scale, zero point) per group (or one in all)
+    sc = scale.to(dtype).reshape(rows, -1).T.contiguous() if scale.dim() else scale.to(dtype).expand(1, rows)
+    zc = zero_point.to(dtype).reshape(rows, -1).T.contiguous() if zero_point.dim() else \
+        zero_point.to(dtype).expand(1, rows)
+
+    # transposed layout: column j of W is the contiguous row j of work
+    work = (w[:, perm] if perm is not None else w).T.contiguous()
+    out = torch.empty_like(work)
+    ut = u.T.contiguous()  # ut[i2:, i1:i2] = U[i1:i2, i2:]^T
+    diag = u.diagonal().tolist()
+    qmin, qmax = float(spec.qmin), float(spec.qmax)
+    for i1 in range(0, d, block_size):
+        i2 = min(i1 + block_size, d)
+        err1 = torch.zeros(i2 - i1, rows, dtype=dtype, device=w.device)
+        for i in range(i2 - i1):
+            col = i1 + i
+            j = int(perm[col]) if perm is not None else col
+            g = j // size if grouped else 0
+            if grouped and not act_order and j % size == 0:  # a group starts: fit its grid now,
+                end = min(j + size, d)                      # to its weights with pending updates applied
+                cur = work[col:end] - ut[col:end, i1:col] @ err1[:i] if i else work[col:end]
+                s_g, z_g = _fit(cur.T, row_spec, observer, options)
+                scale[:, g], zero_point[:, g] = s_g, z_g
+                sc[g], zc[g] = s_g.to(dtype), z_g.to(dtype)
+            s, z = sc[g], zc[g]
+            # the column with the updates of this block's earlier columns (left-looking)
+            x = torch.addmv(work[col], err1[:i].T, u[i1:col, col], alpha=-1.0) if i else work[col]
+            # the arithmetic of ops.fake_quantize, so that the result is exactly on the grid
+            xq = torch.round(x / s).add_(z).clamp_(qmin, qmax).sub_(z).mul_(s)
+            out[col] = xq
+            torch.sub(x, xq, out=err1[i]).div_(diag[col])
+        if i2 < d:
+            work[i2:].addmm_(ut[i2:, i1:i2], err1, alpha=-1.0)
+    out = out.T
+    if perm is not None:
+        out = out[:, torch.argsort(perm)]
+    return out, scale, zero_point, lam
