@@ -1,7 +1,8 @@
 """lowbit on all-MiniLM-L6-v2 beside torch and ONNX Runtime dynamic int8, on the same sentences, in one run.
 
-    python benchmarks/bench_transformer.py [--sentences 512] [--calibration 128] [--threads 2]
-                                           [--repeats 2] [--recipes w8a8,w8a8-smooth,...] [--skip-peers] [--json]
+    python benchmarks/bench_transformer.py [--sentences 512] [--calibration 128] [--threads 2] [--repeats 2]
+                                           [--recipes w8a8,w8a8-smooth,...] [--backends onnxruntime,torch]
+                                           [--skip-peers] [--json]
 
 Rows (every one compared with the float model's embeddings of the same sentences):
 
@@ -39,7 +40,8 @@ from lowbit import recipes, zoo
 from lowbit.transformer import backends, minilm, model_bytes, weight_bytes, with_transformer
 from lowbit.transformer.sentence import quantize_sentence_model
 
-DEFAULT_RECIPES = ["w8a8", "w8a8-smooth", "w8a8-dynamic", "w4g128", "w4g128-mse"]
+DEFAULT_RECIPES = ["w8a8", "w8a8-smooth", "w8a8-dynamic", "w8a8-smooth-dynamic", "w4g128", "w4g128-gptq"]
+DEFAULT_BACKENDS = ["onnxruntime", "torch"]
 TARGETS = {"w8a8_cosine": 0.995, "w8a8_speedup": 1.7, "w4_cosine": 0.99, "w4_storage_ratio": 7.0,
            "quantize_cpu_seconds": 60.0}
 
@@ -154,7 +156,7 @@ def lowbit_rows(st, ref, texts, calib, args, base) -> list[dict]:
         st_q = quantize_sentence_model(st, rec, calib if rec.needs_calibration else None)
         q = zoo.transformer_of(st_q)
         wb = weight_bytes(q)
-        for bk in backends.candidates():
+        for bk in [b for b in args.backends if b in backends.available()]:
             try:
                 runner = backends.build(bk, q, trial[0], args.threads)
             except (ValueError, TypeError, RuntimeError, NotImplementedError, ImportError) as e:
@@ -189,10 +191,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--recipes", default=",".join(DEFAULT_RECIPES))
+    ap.add_argument("--backends", default=",".join(DEFAULT_BACKENDS),
+                    help="lowbit execution backends to time, where available (also: fast-ort, fast-torch, integer)")
     ap.add_argument("--skip-peers", action="store_true")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     args.recipes = [r for r in args.recipes.split(",") if r]
+    args.backends = [b for b in args.backends.split(",") if b]
     for r in args.recipes:
         recipes.get(r)
     torch.set_num_threads(args.threads)

@@ -23,7 +23,8 @@ from typing import Iterable
 from torch import nn
 
 from .spec import PerChannel, PerGroup, PerToken, QuantSpec
-from .transforms import quantize_with
+from .gptq import gptq
+from .transforms import quantize_with, register_transform
 
 __all__ = ["Recipe", "RECIPES", "VARIANTS", "get", "register", "register_variant", "resolve", "names",
            "families"]
@@ -139,6 +140,13 @@ for _r in (
     register(_r)
 
 # -- transformers (measured on all-MiniLM-L6-v2: benchmarks/bench_transformer.py) ----------------------
+def _gptq(q: nn.Module, batches, **options) -> nn.Module:
+    gptq(q, batches, **options)   # in place; the report goes to the log
+    return q
+
+
+register_transform("gptq", "quantized", _gptq)   # GPTQ (Frantar et al. 2022) as a recipe step, before freeze
+
 _A8_TOKEN = QuantSpec(bits=8, symmetric=False, dynamic=True, granularity=PerToken())
 
 for _r in (
@@ -146,10 +154,12 @@ for _r in (
            transforms=(("smooth_quant", {"alpha": 0.85}),)),
     Recipe("w8a8-dynamic", "int8 per-channel weights, int8 activations quantized per token at run time", _W8,
            _A8_TOKEN),
-    Recipe("w4g128-mse", "int4 weights in groups of 128, MSE-optimal ranges (weight-only)",
-           QuantSpec(bits=4, granularity=PerGroup(128)), observer="mse"),
+    Recipe("w8a8-smooth-dynamic", "SmoothQuant (alpha 0.5), then int8 per-channel weights and per-token dynamic "
+           "int8 activations", _W8, _A8_TOKEN, transforms=(("smooth_quant", {"alpha": 0.5}),)),
+    Recipe("w4g128-gptq", "int4 weights in groups of 128 with zero points, GPTQ with act_order (weight-only)",
+           QuantSpec(bits=4, symmetric=False, granularity=PerGroup(128)), transforms=(("gptq", {"act_order": True}),)),
 ):
     register(_r)
 
 register_variant("transformer", "w8a8", "w8a8-smooth")
-register_variant("transformer", "w4g128", "w4g128-mse")
+register_variant("transformer", "w4g128", "w4g128-gptq")
