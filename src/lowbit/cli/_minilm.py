@@ -28,7 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--calibration-size", type=positive_int, default=128, metavar="N",
                    help="calibration sentences (default 128)")
     g.add_argument("--backend", default="auto", metavar="NAME",
-                   help="what runs the quantized model: auto (the first that works of onnxruntime, fast-ort, "
+                   help="what runs the quantized model: auto (the first that works of fast-ort, onnxruntime, "
                    "fast-torch, torch), fastest (time each), or one of those names, or integer")
     g.add_argument("--repeats", type=positive_int, default=1, metavar="N", help="timed encodes, best kept (default 1)")
 

@@ -17,9 +17,10 @@ back into the ``SentenceTransformer``. Built in:
 
 Other fast paths join with :func:`register_backend`. :func:`preferred` builds the first available
 backend of :data:`AUTO_ORDER` that accepts the model (``lowbit quantize --backend auto``): the
-order measured fastest on MiniLM (``benchmarks/bench_transformer.py``: ONNX Runtime on the QDQ
-graph ran W8A8 2.8x and 4-bit weights 1.9x faster than float torch; lowbit's torch modules are
-slower than float). :func:`fastest` instead builds and times every candidate on a few batches
+order measured fastest on MiniLM (``benchmarks/bench_transformer.py``, 2 threads: ONNX Runtime ran
+static W8A8 ~3x and 4-bit weights ~2.3x faster than float torch on either graph, and per-token
+dynamic W8A8 2.9x on the ``MatMulInteger`` graph against 1.8x on the QDQ one; lowbit's torch
+modules are slower than float). :func:`fastest` instead builds and times every candidate on a few batches
 (``--backend fastest``; exporting twice costs tens of seconds); both leave out reference paths
 (``auto=False``: ``"integer"``).
 """
@@ -54,7 +55,7 @@ class Backend:
 
 
 BACKENDS: dict[str, Backend] = {}
-AUTO_ORDER = ("onnxruntime", "fast-ort", "fast-torch", "torch")   # fastest first, as measured on MiniLM
+AUTO_ORDER = ("fast-ort", "onnxruntime", "fast-torch", "torch")   # fastest first, as measured on MiniLM
 
 
 def register_backend(backend: Backend) -> Backend:
