@@ -14,6 +14,7 @@ LAYERS = {
     "analysis": 5, "integer": 5, "export": 5, "checkpoint": 5, "recipes": 5, "demo": 5, "train": 5,
     "cli": 6, "__main__": 6,
     "zoo": 5,   # built-in data and models: imports no other lowbit module
+    "transformer": 5,
     "__init__": 7,
 }
 SRC = pathlib.Path(lowbit.__file__).parent

@@ -7,6 +7,13 @@ A recipe is what ``lowbit demo``, ``lowbit quantize --recipe NAME`` and the benc
 ``Recipe.apply`` runs :func:`lowbit.transforms.quantize_with`: float-stage transforms ->
 ``lb.quantize`` -> ``lb.calibrate`` on the batches -> quantized-stage transforms (bias correction,
 GPTQ) -> ``lb.freeze``. New recipes join with :func:`register`.
+
+**Model families.** The best recipe behind a generic name can depend on the architecture: on
+transformers, per-tensor int8 activations lose to a few outlier channels unless SmoothQuant moves
+them into the weights first. ``get(name, family="transformer")`` returns the family's variant
+registered with :func:`register_variant` (``w8a8`` -> ``w8a8-smooth``), and the generic recipe
+where the family has none; ``resolve`` tells which one that is. Every variant is also a recipe of
+its own name, so it can be asked for directly.
 """
 from __future__ import annotations
 
@@ -15,10 +22,12 @@ from typing import Iterable
 
 from torch import nn
 
-from .spec import PerChannel, PerGroup, QuantSpec
-from .transforms import quantize_with
+from .spec import PerChannel, PerGroup, PerToken, QuantSpec
+from .gptq import gptq
+from .transforms import quantize_with, register_transform
 
-__all__ = ["Recipe", "RECIPES", "get", "register", "names"]
+__all__ = ["Recipe", "RECIPES", "VARIANTS", "get", "register", "register_variant", "resolve", "names",
+           "families"]
 
 
 @dataclass(frozen=True)
@@ -77,11 +86,36 @@ def register(recipe: Recipe) -> Recipe:
     return recipe
 
 
-def get(name: str) -> Recipe:
-    """The recipe called ``name``."""
+VARIANTS: dict[str, dict[str, str]] = {}   # family -> {generic recipe name -> the family's recipe name}
+
+
+def register_variant(family: str, name: str, variant: str) -> None:
+    """Make ``get(name, family=family)`` return the recipe ``variant`` (both must be registered)."""
+    for arg, value in (("family", family), ("name", name), ("variant", variant)):
+        if not isinstance(value, str) or not value:
+            raise TypeError(f"{arg} must be a non-empty str, got {value!r}")
+    for arg, value in (("name", name), ("variant", variant)):
+        if value not in RECIPES:
+            raise ValueError(f"{arg} {value!r} is not a registered recipe; register it first ({names()})")
+    VARIANTS.setdefault(family, {})[name] = variant
+
+
+def families() -> list[str]:
+    return list(VARIANTS)
+
+
+def resolve(name: str, family: str | None = None) -> str:
+    """The name of the recipe ``get(name, family)`` returns."""
+    if family is not None and family not in VARIANTS:
+        raise ValueError(f"family must be one of {families()} or None, got {family!r}")
     if name not in RECIPES:
         raise ValueError(f"recipe must be one of {names()}, got {name!r}")
-    return RECIPES[name]
+    return VARIANTS.get(family, {}).get(name, name) if family is not None else name
+
+
+def get(name: str, family: str | None = None) -> Recipe:
+    """The recipe called ``name`` (for ``family``: that family's variant of it, if it has one)."""
+    return RECIPES[resolve(name, family)]
 
 
 def names() -> list[str]:
@@ -104,3 +138,28 @@ for _r in (
            QuantSpec(bits=2, granularity=PerChannel(0)), _A8, observer="mse", transforms=("bias_correction",)),
 ):
     register(_r)
+
+# -- transformers (measured on all-MiniLM-L6-v2: benchmarks/bench_transformer.py) ----------------------
+def _gptq(q: nn.Module, batches, **options) -> nn.Module:
+    gptq(q, batches, **options)   # in place; the report goes to the log
+    return q
+
+
+register_transform("gptq", "quantized", _gptq)   # GPTQ (Frantar et al. 2022) as a recipe step, before freeze
+
+_A8_TOKEN = QuantSpec(bits=8, symmetric=False, dynamic=True, granularity=PerToken())
+
+for _r in (
+    Recipe("w8a8-smooth", "W8A8 (per-tensor static activations) after SmoothQuant (alpha 0.85)", _W8, _A8,
+           transforms=(("smooth_quant", {"alpha": 0.85}),)),
+    Recipe("w8a8-dynamic", "int8 per-channel weights, int8 activations quantized per token at run time", _W8,
+           _A8_TOKEN),
+    Recipe("w8a8-smooth-dynamic", "SmoothQuant (alpha 0.5), then int8 per-channel weights and per-token dynamic "
+           "int8 activations", _W8, _A8_TOKEN, transforms=(("smooth_quant", {"alpha": 0.5}),)),
+    Recipe("w4g128-gptq", "int4 weights in groups of 128 with zero points, GPTQ with act_order (weight-only)",
+           QuantSpec(bits=4, symmetric=False, granularity=PerGroup(128)), transforms=(("gptq", {"act_order": True}),)),
+):
+    register(_r)
+
+register_variant("transformer", "w8a8", "w8a8-smooth")
+register_variant("transformer", "w4g128", "w4g128-gptq")

@@ -7,11 +7,15 @@ calibrated on --calibration FILE.pt: torch.save(x) of a tensor of inputs (N, ...
 --batch-size rows, or of a list of batches. Weight-only recipes (w4g128, w4g32) need no
 calibration. --test FILE.pt (a tensor of inputs, or (inputs, labels)) adds accuracy and the
 agreement with the float model; without it they are measured on the calibration inputs.
+
+--model minilm (the sentence-embedding transformer) is handled by :mod:`lowbit.cli._minilm`:
+it evaluates embedding agreement and encode speed, and --out is optional.
 """
 from __future__ import annotations
 
 import argparse
 
+from . import _minilm
 from ._args import fmt, import_factory, is_factory, positive_int
 
 NAME = "quantize"
@@ -26,7 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, metavar="NAME|package.module:factory",
                    help=f"a built-in model ({', '.join(sorted(BUILTIN_MODELS))}) or a user model factory")
     p.add_argument("--recipe", default="w8a8", metavar="NAME", help=f"one of {', '.join(names())} (default w8a8)")
-    p.add_argument("--out", required=True, metavar="PATH", help="checkpoint to write (.safetensors); its directory must exist")
+    p.add_argument("--out", metavar="PATH", help="checkpoint to write (.safetensors); its directory must exist "
+                   "(required, except with --model minilm)")
     p.add_argument("--state-dict", metavar="PATH", help="weights of a user model")
     p.add_argument("--calibration", metavar="PATH", help="calibration inputs of a user model (.pt)")
     p.add_argument("--test", metavar="PATH", help="test inputs (and labels) of a user model (.pt)")
@@ -36,11 +41,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=positive_int, default=None, metavar="N", help="torch threads (default: torch's)")
     p.add_argument("--include", action="append", metavar="GLOB", help="quantize only these modules (repeatable)")
     p.add_argument("--exclude", action="append", metavar="GLOB", help="keep these modules float (repeatable)")
+    _minilm.add_arguments(p)
 
 
 def run(args: argparse.Namespace) -> dict:
     from .. import demo, recipes
 
+    if args.model == _minilm.NAME:
+        with demo.torch_threads(args.threads):
+            return _minilm.run(args)
+    _minilm.check_unused(args)
+    if args.out is None:
+        raise ValueError("--out is required: the checkpoint file to write (e.g. --out model.safetensors)")
     recipe = recipes.get(args.recipe)
     demo.check_out_path(args.out, keep=[args.state_dict, args.calibration, args.test])   # before any work
     with demo.torch_threads(args.threads):
@@ -86,6 +98,8 @@ def _user(args: argparse.Namespace, recipe) -> dict:
 
 
 def render(result: dict) -> str:
+    if result.get("model") == _minilm.NAME:
+        return _minilm.render(result)
     lines = [f"wrote {result['out']}: {result['size_bytes']:,} bytes ({result['ratio']:.1f}x smaller than the "
              f"float state dict, {result['float_size_bytes']:,} bytes)",
              f"recipe {result['recipe']}: {result['description']}",

@@ -4,6 +4,7 @@
 * :func:`bound_activations`: ReLU -> ``clip(x, 0, limit)`` (:class:`BoundedReLU`); measure what a
   bound clips with :func:`activation_clipping`.
 * :func:`equalize`: cross-layer equalization of ReLU networks (Nagel et al. 2019).
+* :func:`smooth_quant`: SmoothQuant, activation outliers moved into the weights (Xiao et al. 2023).
 * :func:`bias_correction`: remove the mean output shift of quantized layers (Nagel et al. 2019).
 * :func:`quantize_with`: float transforms -> quantize -> calibrate -> bias correction -> freeze, by name.
 
@@ -14,6 +15,7 @@ from .bias import bias_correction, output_bias
 from .bound import BoundedReLU, ClipStats, activation_clipping, bound_activations
 from .equalization import EqualizationPair, equalize, find_equalization_pairs
 from .fold_bn import find_conv_bn_pairs, fold_batchnorm
+from .smooth_quant import ChannelScale, SmoothedLinear, SmoothInfo, outlier_ratio, smooth_quant
 from .pipeline import TRANSFORMS, apply_transforms, quantize_with, register_transform
 
 __all__ = [
@@ -21,5 +23,6 @@ __all__ = [
     "bound_activations", "BoundedReLU", "activation_clipping", "ClipStats",
     "equalize", "find_equalization_pairs", "EqualizationPair",
     "bias_correction", "output_bias",
+    "smooth_quant", "SmoothedLinear", "ChannelScale", "SmoothInfo", "outlier_ratio",
     "quantize_with", "apply_transforms", "register_transform", "TRANSFORMS",
 ]
