@@ -130,12 +130,13 @@ for _r in (
     Recipe("w8a8-mse", "W8A8 with MSE-optimal ranges", _W8, _A8, observer="mse"),
     Recipe("w8a8-entropy", "W8A8 with KL (TensorRT entropy) activation ranges, max-abs weights", _W8, _A8,
            observer="entropy", weight_observer="minmax"),
-    Recipe("w4a8", "int4 per-channel weights (MSE ranges), int8 activations, bias correction",
-           QuantSpec(bits=4, granularity=PerChannel(0)), _A8, observer="mse", transforms=("bias_correction",)),
+    Recipe("w4a8", "int4 per-channel weights (MSE ranges, GPTQ), int8 activations, bias correction",
+           QuantSpec(bits=4, granularity=PerChannel(0)), _A8, observer="mse", transforms=("gptq", "bias_correction")),
     Recipe("w4g128", "int4 weights in groups of 128 (weight-only)", QuantSpec(bits=4, granularity=PerGroup(128))),
     Recipe("w4g32", "int4 weights in groups of 32 (weight-only)", QuantSpec(bits=4, granularity=PerGroup(32))),
-    Recipe("w2a8", "int2 per-channel weights (MSE ranges), int8 activations, bias correction",
-           QuantSpec(bits=2, granularity=PerChannel(0)), _A8, observer="mse", transforms=("bias_correction",)),
+    Recipe("w2a8", "int2 per-channel asymmetric weights (MSE ranges), int8 activations, bias correction",
+           QuantSpec(bits=2, symmetric=False, granularity=PerChannel(0)), _A8, observer="mse",
+           transforms=("bias_correction",)),
 ):
     register(_r)
 
