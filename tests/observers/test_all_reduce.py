@@ -1,4 +1,6 @@
 """Observer.all_reduce over torch.distributed (gloo, two processes) equals one observer over all data."""
+from pathlib import Path
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -43,7 +45,10 @@ def _worker(rank, world, init_file, out_file):
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
-def test_all_reduce_across_two_processes_equals_one_observer(tmp_path):
+def test_all_reduce_across_two_processes_equals_one_observer(tmp_path, monkeypatch):
+    # spawned processes unpickle _worker by its module name (tests.observers...), so the repository
+    # root must be on their sys.path even when pytest (importlib mode) does not put it there
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2]))
     out = tmp_path / "out.pt"
     mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(out)), nprocs=2, join=True)
     got = torch.load(out)
