@@ -43,6 +43,7 @@ class Recipe:
     transforms: tuple = ()
     exclude: tuple[str, ...] = ()
     observer_options: dict = field(default_factory=dict, hash=False, compare=False)
+    embeddings: QuantSpec | None = None     # grid of the nn.Embedding tables (None: they stay float)
 
     @property
     def needs_calibration(self) -> bool:
@@ -52,6 +53,8 @@ class Recipe:
         """The keyword arguments of ``lb.quantize`` this recipe stands for."""
         opts = {"weights": self.weights, "activations": self.activations, "observer": self.observer,
                 "weight_observer": self.weight_observer, "exclude": list(self.exclude) or None}
+        if self.embeddings is not None:
+            opts["embeddings"] = self.embeddings
         if self.observer_options:
             opts["observer_options"] = dict(self.observer_options)
         return opts
@@ -148,6 +151,7 @@ def _gptq(q: nn.Module, batches, **options) -> nn.Module:
 register_transform("gptq", "quantized", _gptq)   # GPTQ (Frantar et al. 2022) as a recipe step, before freeze
 
 _A8_TOKEN = QuantSpec(bits=8, symmetric=False, dynamic=True, granularity=PerToken())
+_W4G128_ASYM = QuantSpec(bits=4, symmetric=False, granularity=PerGroup(128))
 
 for _r in (
     Recipe("w8a8-smooth", "W8A8 (per-tensor static activations) after SmoothQuant (alpha 0.85)", _W8, _A8,
@@ -157,9 +161,12 @@ for _r in (
     Recipe("w8a8-smooth-dynamic", "SmoothQuant (alpha 0.5), then int8 per-channel weights and per-token dynamic "
            "int8 activations", _W8, _A8_TOKEN, transforms=(("smooth_quant", {"alpha": 0.5}),)),
     Recipe("w4g128-gptq", "int4 weights in groups of 128 with zero points, GPTQ with act_order (weight-only)",
-           QuantSpec(bits=4, symmetric=False, granularity=PerGroup(128)), transforms=(("gptq", {"act_order": True}),)),
+           _W4G128_ASYM, transforms=(("gptq", {"act_order": True}),)),
+    Recipe("w4g128-awq-gptq", "AWQ activation-aware column scales, then int4 weights in groups of 128 with zero "
+           "points by GPTQ with act_order (weight-only)", _W4G128_ASYM,
+           transforms=(("awq", {"weights": _W4G128_ASYM}), ("gptq", {"act_order": True}))),
 ):
     register(_r)
 
 register_variant("transformer", "w8a8", "w8a8-smooth")
-register_variant("transformer", "w4g128", "w4g128-gptq")
+register_variant("transformer", "w4g128", "w4g128-awq-gptq")

@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 FAMILY = "transformer"
 MIN_SENTENCES = 4          # Spearman of pairwise similarities needs a few sentences
-CALIBRATION_SIZE = 128
+CALIBRATION_SIZE = 512   # GPTQ/AWQ gain from more (128: 0.9898, 512: 0.9920 cosine at 4 bits); 20-30 s
 CALIBRATION_CHOICES = ("builtin", "file")
 _AUTO = ("auto", "fastest")
 
