@@ -1,6 +1,6 @@
 """lowbit on all-MiniLM-L6-v2 beside torch and ONNX Runtime dynamic int8, on the same sentences, in one run.
 
-    python benchmarks/bench_transformer.py [--sentences 512] [--calibration 128] [--threads 2] [--repeats 2]
+    python benchmarks/bench_transformer.py [--sentences 512] [--calibration 512] [--threads 2] [--repeats 2]
                                            [--recipes w8a8,w8a8-smooth,...] [--backends onnxruntime,torch]
                                            [--skip-peers] [--json]
 
@@ -40,7 +40,8 @@ from lowbit import recipes, zoo
 from lowbit.transformer import backends, minilm, model_bytes, weight_bytes, with_transformer
 from lowbit.transformer.sentence import quantize_sentence_model
 
-DEFAULT_RECIPES = ["w8a8", "w8a8-smooth", "w8a8-dynamic", "w8a8-smooth-dynamic", "w4g128", "w4g128-gptq"]
+DEFAULT_RECIPES = ["w8a8", "w8a8-smooth", "w8a8-dynamic", "w8a8-smooth-dynamic", "w4g128", "w4g128-gptq",
+                   "w4g128-awq-gptq"]
 DEFAULT_BACKENDS = ["onnxruntime", "torch"]
 TARGETS = {"w8a8_cosine": 0.995, "w8a8_speedup": 1.7, "w4_cosine": 0.99, "w4_storage_ratio": 7.0,
            "quantize_cpu_seconds": 60.0}
@@ -187,7 +188,7 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sentences", type=int, default=512)
-    ap.add_argument("--calibration", type=int, default=128)
+    ap.add_argument("--calibration", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--recipes", default=",".join(DEFAULT_RECIPES))

@@ -12,7 +12,9 @@
 ``quantize`` deep-copies the model, folds BatchNorm into the layer before it, and swaps every
 ``nn.Linear``/``nn.Conv1d``/``nn.Conv2d`` (exact types) selected by ``include``/``exclude`` for its
 quantized counterpart, which fake-quantizes its weight and (if ``activations`` is given) its input.
-Layers it cannot quantize stay float and are listed in ``q.lowbit_info.skipped``.
+Layers it cannot quantize stay float and are listed in ``q.lowbit_info.skipped``. With
+``embeddings=spec`` every selected ``nn.Embedding`` becomes a weight-only
+:class:`~lowbit.modules.QuantEmbedding` too (by default embeddings stay float).
 """
 from __future__ import annotations
 
@@ -26,11 +28,11 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from .modules import QUANT_TYPES, ActQuantizer, QuantLayer
+from .modules import QUANT_TYPES, ActQuantizer, QuantEmbedding, QuantLayer, check_embedding_spec
 from .spec import PerChannel, QuantSpec
 from .transforms.fold_bn import fold_batchnorm
 
-__all__ = ["quantize", "calibrate", "freeze", "QuantInfo", "quant_layers", "DEFAULT_WEIGHTS"]
+__all__ = ["quantize", "calibrate", "freeze", "QuantInfo", "quant_layers", "quant_embeddings", "DEFAULT_WEIGHTS"]
 
 log = logging.getLogger(__name__)
 
@@ -48,16 +50,25 @@ class QuantInfo:
     skipped: dict[str, str] = field(default_factory=dict)   # module name -> why it stayed float
     folded: list[tuple[str, str]] = field(default_factory=list)
     uncalibrated: list[str] = field(default_factory=list)
+    embeddings: QuantSpec | None = None                       # grid of the quantized embedding tables
+    quantized_embeddings: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return {"weights": str(self.weights), "activations": None if self.activations is None else str(self.activations),
                 "observer": self.observer, "quantized": list(self.quantized), "skipped": dict(self.skipped),
-                "folded": [list(p) for p in self.folded], "uncalibrated": list(self.uncalibrated)}
+                "folded": [list(p) for p in self.folded], "uncalibrated": list(self.uncalibrated),
+                "embeddings": None if self.embeddings is None else str(self.embeddings),
+                "quantized_embeddings": list(self.quantized_embeddings)}
 
 
 def quant_layers(model: nn.Module) -> list[tuple[str, QuantLayer]]:
     """The quantized layers of ``model`` with their names, in module order."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLayer)]
+
+
+def quant_embeddings(model: nn.Module) -> list[tuple[str, QuantEmbedding]]:
+    """The quantized embedding tables of ``model`` with their names, in module order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantEmbedding)]
 
 
 def _matches(name: str, patterns: Sequence[str] | None) -> bool:
@@ -96,7 +107,8 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 def quantize(model: nn.Module, weights: QuantSpec = DEFAULT_WEIGHTS, activations: QuantSpec | None = None,
              observer: str = "minmax", include: Sequence[str] | str | None = None,
              exclude: Sequence[str] | str | None = None, *, weight_observer: str | None = None,
-             observer_options: dict | None = None, fold_bn: bool = True) -> nn.Module:
+             observer_options: dict | None = None, fold_bn: bool = True,
+             embeddings: QuantSpec | None = None) -> nn.Module:
     """A quantized copy of ``model`` (the float model is untouched).
 
     Args:
@@ -107,6 +119,9 @@ def quantize(model: nn.Module, weights: QuantSpec = DEFAULT_WEIGHTS, activations
             ``"entropy"``, ``"percentile"``, ...); ``weight_observer`` overrides it for weights.
         include / exclude: glob patterns over module names (``"features.*"``, ``"classifier"``).
         fold_bn: fold BatchNorm into the preceding layer first.
+        embeddings: grid of the ``nn.Embedding`` tables (weight-only, e.g.
+            ``QuantSpec(bits=8, granularity=PerChannel(0))``: one scale per row), or None to keep
+            them float. Their range method is the weights' one.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -114,14 +129,16 @@ def quantize(model: nn.Module, weights: QuantSpec = DEFAULT_WEIGHTS, activations
         raise TypeError(f"weights must be a lowbit.QuantSpec, got {type(weights).__name__}")
     if activations is not None and not isinstance(activations, QuantSpec):
         raise TypeError(f"activations must be a lowbit.QuantSpec or None, got {type(activations).__name__}")
-    if any(isinstance(m, QuantLayer) for m in model.modules()):
+    if embeddings is not None:
+        check_embedding_spec(embeddings)
+    if any(isinstance(m, (QuantLayer, QuantEmbedding)) for m in model.modules()):
         raise ValueError("model is already quantized; pass the float model to lb.quantize")
     names = [n for n, _ in model.named_modules() if n]
     include = _check_patterns("include", include, names)
     exclude = _check_patterns("exclude", exclude, names)
 
     q = copy.deepcopy(model)
-    info = QuantInfo(weights=weights, activations=activations, observer=observer)
+    info = QuantInfo(weights=weights, activations=activations, observer=observer, embeddings=embeddings)
     if fold_bn:
         info.folded = fold_batchnorm(q)
 
@@ -134,6 +151,14 @@ def quantize(model: nn.Module, weights: QuantSpec = DEFAULT_WEIGHTS, activations
         if _matches(name, exclude):
             continue
         parent = parents.get(name.rpartition(".")[0]) if "." in name else q
+        if embeddings is not None and type(module) is nn.Embedding:
+            if module.max_norm is not None:
+                info.skipped[name] = "nn.Embedding with max_norm (it renormalizes its table on every lookup)"
+                continue
+            _set_module(q, name, QuantEmbedding.from_float(module, embeddings, weight_observer or observer,
+                                                           observer_options if weight_observer is None else None))
+            info.quantized_embeddings.append(name)
+            continue
         why = _why_not(module, parent)
         if why is not None:
             info.skipped[name] = why
@@ -142,7 +167,7 @@ def quantize(model: nn.Module, weights: QuantSpec = DEFAULT_WEIGHTS, activations
                                                    weight_observer, observer_options)
         _set_module(q, name, new)
         info.quantized.append(name)
-    if not info.quantized:
+    if not info.quantized and not info.quantized_embeddings:
         raise ValueError("no layer was quantized: the model has no nn.Linear/nn.Conv1d/nn.Conv2d selected by "
                          f"include/exclude (skipped: {info.skipped or 'none'})")
     for name, why in info.skipped.items():
@@ -199,7 +224,8 @@ def freeze(model: nn.Module) -> nn.Module:
     before in eval mode (it uses the same grid; grids learned by ``lb.qat`` become fixed ones), holds no float master weights, and can be saved with ``lb.save``.
     """
     layers = quant_layers(model)
-    if not layers:
+    tables = quant_embeddings(model)
+    if not layers and not tables:
         raise ValueError("model has no quantized layer; call lb.quantize(model, ...) first")
     info = getattr(model, "lowbit_info", None)
     skip = set(info.uncalibrated) if info is not None else set()
@@ -215,4 +241,6 @@ def freeze(model: nn.Module) -> nn.Module:
         if layer.input_quant is not None and not layer.input_quant.calibrated:
             layer.input_quant.enabled = False
         layer.freeze()
+    for _, table in tables:
+        table.freeze()
     return model

@@ -54,10 +54,10 @@ def test_compact_map_reads_back_as_the_full_one(case, tmp_path, monkeypatch):
     lb.save(q, tmp_path / "v1.safetensors")
     monkeypatch.undo()
     full, small = _raw_map(tmp_path / "v1.safetensors"), _raw_map(tmp_path / "v2.safetensors")
-    assert small["format_version"] == 2
+    assert small["format_version"] == 3   # version 3: version 2 + optional quantized embedding tables
     assert len(json.dumps(small)) < 0.75 * len(json.dumps(full)), name
     expanded = read_quant_map(tmp_path / "v2.safetensors")
-    full["format_version"] = 2
+    full["format_version"] = 3
     assert expanded == full, name
     for path in ("v1.safetensors", "v2.safetensors"):           # both load, bit-identical
         q2 = lb.load(tmp_path / path, cnn())

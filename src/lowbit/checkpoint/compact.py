@@ -13,6 +13,9 @@ what it reads, so every reader sees the full layout whichever version the file h
 * ``implied`` (zero points of symmetric grids, not stored): ``{dtype: [tensor, ...]}``; the value
   is the quantizer's ``spec.symmetric_zero_point`` and the shape that of the matching scale
   tensor in the file. ``casts``: ``{dtype: [tensor, ...]}``.
+* ``embeddings`` (quantized embedding tables: ``{name: {"class", "float_class", "weight_shape",
+  "frozen", "weight"}}``, format version 3) is written as is, and only when the model has some;
+  version 2 files (which have none) read the same way.
 * empty ``skipped``/``uncalibrated``/``aliases``/``casts``/``implied`` and ``training: false`` are
   left out.
 
@@ -58,7 +61,9 @@ def _group(mapping: dict[str, str]) -> dict[str, list[str]]:
 def compact(full: dict) -> dict:
     """The version-2 form of a full (version-1 layout) quantization map."""
     out = {k: v for k, v in full.items() if k not in ("layers", "specs", "implied", "casts", "info", "aliases")}
-    out["format_version"] = 2
+    out["format_version"] = 3
+    if not full.get("embeddings"):
+        out.pop("embeddings", None)
     if not out.get("training"):
         out.pop("training", None)
     out["specs"] = [_compact_spec(s) for s in full["specs"]]
@@ -94,7 +99,8 @@ def _quantizer_spec(full: dict, key: str) -> dict:
     for suffix, part in ((".weight_zero_point", "weight"), (".weight_quant.zero_point", "weight"),
                          (".input_quant.zero_point", "activation")):
         if key.endswith(suffix):
-            entry = full["layers"].get(key[: -len(suffix)])
+            owner = key[: -len(suffix)]
+            entry = full["layers"].get(owner) or full.get("embeddings", {}).get(owner)
             if entry is not None and entry.get(part) is not None:
                 return full["specs"][entry[part]["spec"]]
     raise ValueError(f"the quantization map implies zero point {key!r}, which belongs to no quantized layer; "

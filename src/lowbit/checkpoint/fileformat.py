@@ -12,7 +12,7 @@ from ..spec import PerChannel, PerGroup, PerTensor, PerToken, QuantSpec
 
 __all__ = ["FORMAT_VERSION", "META_KEY", "spec_to_dict", "spec_from_dict", "dtype_name", "read_header", "read_quant_map"]
 
-FORMAT_VERSION = 2   # 2: compact map (lowbit.checkpoint.compact); version 1 files are still read
+FORMAT_VERSION = 3   # 3: + quantized embedding tables; 2: compact map (lowbit.checkpoint.compact); 1: full map
 META_KEY = "lowbit"
 _MAX_HEADER = 100 * 1024 * 1024     # safetensors' own limit on the JSON header
 
@@ -104,5 +104,6 @@ def read_quant_map(path: str | os.PathLike) -> dict:
     missing = [k for k in ("layers", "specs", "fold_bn", "folded") if k not in qmap]
     if missing:
         raise ValueError(f"{str(path)!r}: the quantization map lacks {missing}; the file is damaged")
+    qmap.setdefault("embeddings", {})   # files before version 3 hold no quantized embedding tables
     return qmap
 

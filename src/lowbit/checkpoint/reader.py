@@ -10,10 +10,10 @@ import torch
 
 from torch import nn
 
-from ..modules import ActQuantizer, QuantLayer, WeightQuantizer
+from ..modules import ActQuantizer, QuantEmbedding, QuantLayer, WeightQuantizer
 from ..ops import packing
 from ..qtensor import QTensor
-from ..quantize import QuantInfo, quant_layers, quantize
+from ..quantize import QuantInfo, quant_embeddings, quant_layers, quantize
 from .fileformat import dtype_name, read_quant_map, spec_from_dict
 
 __all__ = ["load"]
@@ -24,7 +24,7 @@ def _check_architecture(qmap: dict, model_like: nn.Module) -> None:
     hint = ""
     if qmap.get("model_class") != type(model_like).__qualname__:
         hint = f" (the checkpoint was saved from a {qmap.get('model_class')}, model_like is a {type(model_like).__qualname__})"
-    for name, entry in qmap["layers"].items():
+    for name, entry in list(qmap["layers"].items()) + list(qmap.get("embeddings", {}).items()):
         m = modules.get(name)
         if m is None:
             raise ValueError(f"model_like does not fit the checkpoint: it has no module {name!r}, a quantized "
@@ -49,14 +49,14 @@ def _restore_tensors(qmap: dict, tensors: dict[str, torch.Tensor]) -> dict[str, 
     return out
 
 
-def _frozen_skeleton(layer: QuantLayer) -> None:
+def _frozen_skeleton(layer: QuantLayer | QuantEmbedding) -> None:
     """Turn ``layer`` into a frozen layer with placeholder integer buffers (filled by load_state_dict).
 
     Mirrors ``QuantLayer.freeze`` (same buffers, packed for <= 4 bits) without quantizing
     ``model_like``'s float weight, which would cost a full quantization pass on every load.
     """
     spec = layer.weight_quant.spec
-    out, k = layer._gemm_shape()
+    out, k = layer._gemm_shape() if isinstance(layer, QuantLayer) else layer._weight_shape
     device = layer.weight.device
     if spec.bits <= 4:
         codes = torch.zeros(packing.packed_numel(out * k, spec.bits), dtype=torch.uint8, device=device)
@@ -87,6 +87,18 @@ def _rebuild_layer(layer: QuantLayer, entry: dict, specs: list, tensors: dict[st
         layer.weight_quant.fixed = w["fixed"]
     elif w["fixed"]:
         layer.weight_quant.fix_qparams(tensors[f"{name}.weight_quant.scale"], tensors[f"{name}.weight_quant.zero_point"])
+
+
+def _rebuild_embedding(table: QuantEmbedding, entry: dict, specs: list, tensors: dict[str, torch.Tensor],
+                       name: str) -> None:
+    w = entry["weight"]
+    table.weight_quant = WeightQuantizer(specs[w["spec"]], w["observer"], w["options"], ste=w["ste"])
+    table.weight_quant.enabled = w["enabled"]
+    if entry["frozen"]:
+        _frozen_skeleton(table)
+        table.weight_quant.fixed = w["fixed"]
+    elif w["fixed"]:
+        table.weight_quant.fix_qparams(tensors[f"{name}.weight_quant.scale"], tensors[f"{name}.weight_quant.zero_point"])
 
 
 def _compare_keys(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor], hint: str) -> None:
@@ -140,16 +152,25 @@ def load(path: str | os.PathLike, model_like: nn.Module) -> nn.Module:
         hint = f" (saved from a {qmap.get('model_class')}, model_like is a {type(model_like).__qualname__})"
 
     names = list(qmap["layers"])
-    q = quantize(model_like, include=[glob.escape(n) for n in names], fold_bn=qmap["fold_bn"])
+    tables = qmap.get("embeddings", {})
+    table_spec = specs[next(iter(tables.values()))["weight"]["spec"]] if tables else None
+    q = quantize(model_like, include=[glob.escape(n) for n in names + list(tables)], fold_bn=qmap["fold_bn"],
+                 embeddings=table_spec)
     if [list(p) for p in q.lowbit_info.folded] != qmap["folded"]:
         raise ValueError(f"model_like does not fit the checkpoint{hint}: BatchNorm folding gave "
                          f"{q.lowbit_info.folded}, the checkpoint folded {qmap['folded']}")
     if sorted(q.lowbit_info.quantized) != sorted(names):
         raise ValueError(f"model_like does not fit the checkpoint{hint}: quantized {q.lowbit_info.quantized}, "
                          f"the checkpoint has {names}")
+    if sorted(q.lowbit_info.quantized_embeddings) != sorted(tables):
+        raise ValueError(f"model_like does not fit the checkpoint{hint}: quantized embeddings "
+                         f"{q.lowbit_info.quantized_embeddings}, the checkpoint has {list(tables)}")
     layers = dict(quant_layers(q))
     for name, entry in qmap["layers"].items():
         _rebuild_layer(layers[name], entry, specs, tensors, name)
+    found = dict(quant_embeddings(q))
+    for name, entry in tables.items():
+        _rebuild_embedding(found[name], entry, specs, tensors, name)
     _compare_keys(q.state_dict(), tensors, hint)
     q.load_state_dict(tensors, strict=True)   # copies into model_like's tensors: ties and device are kept
     info = qmap.get("info")
@@ -158,6 +179,8 @@ def load(path: str | os.PathLike, model_like: nn.Module) -> nn.Module:
             weights=specs[info["weights"]],
             activations=None if info["activations"] is None else specs[info["activations"]],
             observer=info["observer"], quantized=names, skipped=dict(info["skipped"]),
-            folded=[tuple(p) for p in qmap["folded"]], uncalibrated=list(info["uncalibrated"]))
+            folded=[tuple(p) for p in qmap["folded"]], uncalibrated=list(info["uncalibrated"]),
+            embeddings=specs[info["embeddings"]] if info.get("embeddings") is not None else None,
+            quantized_embeddings=list(tables))
     q.train(qmap.get("training", False))
     return q

@@ -10,8 +10,8 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from ..modules import ActQuantizer, QuantLayer, WeightQuantizer
-from ..quantize import QuantInfo, quant_layers
+from ..modules import ActQuantizer, QuantEmbedding, QuantLayer, WeightQuantizer
+from ..quantize import QuantInfo, quant_embeddings, quant_layers
 from ..spec import QuantSpec
 from .atomic import atomic_write
 from .compact import compact
@@ -58,12 +58,18 @@ def _layer_entry(layer: QuantLayer, table: _SpecTable) -> dict:
     }
 
 
+def _embedding_entry(table: QuantEmbedding, spec_table: _SpecTable) -> dict:
+    return {"class": type(table).__name__, "float_class": table.float_type.__name__,
+            "weight_shape": list(table._weight_shape), "frozen": bool(table.frozen),
+            "weight": _quantizer_entry(table.weight_quant, spec_table, {"fixed": bool(table.weight_quant.fixed)})}
+
+
 def _storage_key(t: torch.Tensor) -> tuple:
     return (t.device.type, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
 
 
 def _collect(q: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
-    layers = {name: layer for name, layer in quant_layers(q)}
+    layers = {name: layer for name, layer in quant_layers(q) + quant_embeddings(q)}
     state = q.state_dict(keep_vars=False)
     tensors: dict[str, torch.Tensor] = {}
     implied, casts, aliases, seen = {}, {}, {}, {}
@@ -109,17 +115,19 @@ def save(q: nn.Module, path: str | os.PathLike) -> Path:
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
     layers = quant_layers(q)
-    if not layers:
+    tables = quant_embeddings(q)
+    if not layers and not tables:
         raise ValueError("q has no quantized layer: quantize it with lb.quantize first "
                          "(to save a float model use safetensors.torch.save_file(model.state_dict(), path))")
     observing = [n for n, m in q.named_modules() if isinstance(m, ActQuantizer) and m.observing]
     if observing:
         raise ValueError(f"q is being calibrated ({observing[0]} is observing); call lb.save after the "
                          "`with lb.calibrate(q):` block")
-    unfrozen = [n for n, layer in layers if not layer.frozen]
+    unfrozen = [n for n, layer in layers + tables if not layer.frozen]
     if unfrozen:
         log.warning("lowbit: %d of %d quantized layers are not frozen (%s...): saving their float master weights; "
-                    "call lb.freeze(q) first for a compact integer checkpoint", len(unfrozen), len(layers), unfrozen[0])
+                    "call lb.freeze(q) first for a compact integer checkpoint", len(unfrozen), len(layers + tables),
+                    unfrozen[0])
     from .. import __version__  # the package root is imported by the time anyone calls save
 
     info: QuantInfo | None = getattr(q, "lowbit_info", None)
@@ -134,8 +142,11 @@ def save(q: nn.Module, path: str | os.PathLike) -> Path:
             "weights": table.ref(info.weights), "activations": table.ref(info.activations),
             "observer": info.observer, "skipped": dict(info.skipped), "uncalibrated": list(info.uncalibrated)},
         "layers": {name: _layer_entry(layer, table) for name, layer in layers},
+        "embeddings": {name: _embedding_entry(t, table) for name, t in tables},
         **extra,
     }
+    if tables and info is not None and info.embeddings is not None:
+        qmap["info"]["embeddings"] = table.ref(info.embeddings)
     qmap["specs"] = [spec_to_dict(spec) for spec in table.specs]
     try:
         meta = json.dumps(compact(qmap), separators=(",", ":"))

@@ -25,8 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--calibrate-on", choices=("builtin", "file"), default="builtin",
                    help="calibration sentences: built-in ones not evaluated (default), or every 4th line of "
                    "--sentences")
-    g.add_argument("--calibration-size", type=positive_int, default=128, metavar="N",
-                   help="calibration sentences (default 128)")
+    g.add_argument("--calibration-size", type=positive_int, default=512, metavar="N",
+                   help="calibration sentences (default 512)")
     g.add_argument("--backend", default="auto", metavar="NAME",
                    help="what runs the quantized model: auto (the first that works of fast-ort, onnxruntime, "
                    "fast-torch, torch), fastest (time each), or one of those names, or integer")
@@ -35,7 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def check_unused(args: argparse.Namespace) -> None:
     """Other models: the minilm options must not be given (they would be silently ignored)."""
-    for flag, default in (("sentences", None), ("calibrate_on", "builtin"), ("calibration_size", 128),
+    for flag, default in (("sentences", None), ("calibrate_on", "builtin"), ("calibration_size", 512),
                           ("backend", "auto"), ("repeats", 1)):
         if getattr(args, flag, default) != default:
             raise ValueError(f"--{flag.replace('_', '-')} is for --model minilm only")

@@ -16,6 +16,10 @@ With ``integer=True`` a Linear with int8-able grids is instead one ``lowbit::int
 (``QuantizeLinear -> MatMulInteger -> scale``, see :mod:`lowbit.export.torch_ops`): the form ONNX
 Runtime runs with its int8 GEMM.
 
+A frozen :class:`lowbit.modules.QuantEmbedding` becomes :class:`ExportEmbedding`: its codes as
+an initializer -> ``DequantizeLinear`` (``axis=0`` per row, blocked along ``axis=1`` per row group)
+-> ``Gather`` by the token ids.
+
 Codes of 2..4 bits are traced as 8-bit and written as ONNX INT4/UINT4 afterwards
 (:attr:`ExportLayer.int4`), 5..8 bits as INT8/UINT8, 9..16 bits as INT16/UINT16.
 """
@@ -28,11 +32,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..integer.fast import fast_reason
-from ..modules import QuantConv1d, QuantConv2d, QuantLayer, QuantLinear
+from ..modules import QuantConv1d, QuantConv2d, QuantEmbedding, QuantLayer, QuantLinear
 from ..spec import PerChannel, PerGroup, PerTensor, PerToken, QuantSpec
 from .torch_ops import dequantize, dynamic_quantize_dequantize, quantize_dequantize  # noqa: F401 (registers ops)
 
-__all__ = ["ExportLayer", "export_layer", "unsupported_reason", "Int4Initializer", "BLOCKED_OPSET"]
+__all__ = ["ExportLayer", "export_layer", "ExportEmbedding", "export_embedding", "unsupported_reason", "Int4Initializer", "BLOCKED_OPSET"]
 
 BLOCKED_OPSET = 21  # blocked Q/DQ and INT4/UINT4 tensors
 
@@ -212,3 +216,45 @@ def export_layer(name: str, layer: QuantLayer, integer: bool = False) -> ExportL
         return ExportLayer(layer, integer)
     except ValueError as e:
         raise ValueError(f"cannot export layer {name!r}: {e}") from e
+
+
+class ExportEmbedding(nn.Module):
+    """Traceable stand-in of a frozen :class:`QuantEmbedding`: ``Gather(DequantizeLinear(codes), ids)``.
+
+    Has the attributes :func:`lowbit.export.onnx_export.export_onnx` reads from an :class:`ExportLayer`
+    (``int4``, ``block_size``, ``input_qdq`` = None, ``integer`` = False).
+    """
+
+    def __init__(self, table: QuantEmbedding) -> None:
+        super().__init__()
+        spec = table.weight_quant.spec
+        qw = table.qweight
+        self.axis, self.block_size = _onnx_param_layout(spec, 2, "embedding")
+        dtype = _container_dtype(spec.bits, spec.signed)
+        codes = qw.int_repr().contiguous().to(dtype)
+        zero_point = qw.zero_point.contiguous().to(dtype)
+        self.register_buffer("weight_codes", codes)
+        self.register_buffer("weight_scale", qw.scale.float().contiguous())
+        self.register_buffer("weight_zero_point", zero_point)
+        self.input_qdq = None
+        self.integer = False
+        self.int4: dict[str, Int4Initializer] = {}
+        if spec.bits <= 4:
+            from ..ops import packing
+
+            for key, t in (("weight_codes", codes), ("weight_zero_point", zero_point)):
+                self.int4[key] = Int4Initializer(packing.pack(t, 4), tuple(t.shape), spec.signed)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        w = torch.ops.lowbit.dequantize(self.weight_codes, self.weight_scale, self.weight_zero_point,
+                                        self.axis, self.block_size)
+        return F.embedding(ids, w)
+
+
+def export_embedding(name: str, table: QuantEmbedding) -> ExportEmbedding:
+    """The :class:`ExportEmbedding` of ``table``; ``ValueError`` naming ``name`` if it cannot be exported."""
+    if not table.frozen:
+        raise ValueError(f"cannot export embedding {name!r}: not frozen: call lb.freeze(q) before exporting")
+    if not table.weight_quant.enabled:
+        raise ValueError(f"cannot export embedding {name!r}: its weight quantizer is disabled")
+    return ExportEmbedding(table)

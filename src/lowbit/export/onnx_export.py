@@ -3,6 +3,7 @@
 How: a copy of ``q`` whose quantized layers are replaced by their :class:`~lowbit.export.layers.ExportLayer`
 is traced by ``torch.onnx.export(dynamo=True)`` (``torch.export`` + onnxscript), with the lowbit
 operators translated to ``QuantizeLinear``/``DequantizeLinear`` (:mod:`lowbit.export.translate`);
+quantized embedding tables become ``DequantizeLinear -> Gather`` (:class:`~lowbit.export.layers.ExportEmbedding`);
 every other module goes through torch's own ONNX translation. The graph is then finished:
 4-bit weight codes become packed INT4/UINT4 initializers (``DequantizeLinear`` with ``block_size``
 for groups; opset 21), the nodes of each quantized layer are named after it (``"fc1/MatMul"``), and
@@ -28,8 +29,8 @@ import torch
 from torch import nn
 
 from ..checkpoint.atomic import atomic_write
-from ..quantize import quant_layers
-from .layers import BLOCKED_OPSET, ExportLayer, export_layer
+from ..quantize import quant_embeddings, quant_layers
+from .layers import BLOCKED_OPSET, ExportEmbedding, ExportLayer, export_embedding, export_layer
 
 __all__ = ["export_onnx", "ExportInfo", "DEFAULT_OPSET"]
 
@@ -47,7 +48,7 @@ class ExportInfo:
     opset: int
     inputs: list[str]
     outputs: list[str]
-    layers: list[str] = field(default_factory=list)       # quantized layers written as QDQ (or integer ops)
+    layers: list[str] = field(default_factory=list)       # quantized layers (and tables) written as QDQ (or integer ops)
     integer: list[str] = field(default_factory=list)      # layers written with MatMulInteger (integer=True)
     int4: list[str] = field(default_factory=list)         # layers whose weights are INT4/UINT4
     size_bytes: int = 0
@@ -273,10 +274,17 @@ def export_onnx(q: nn.Module, example_inputs, path: str | os.PathLike, *, opset:
 
     args, kwargs = _split_inputs(example_inputs)
     layers = quant_layers(q)
-    if not layers:
+    if not layers and not quant_embeddings(q):
         raise ValueError("q has no quantized layer: run lb.quantize, lb.calibrate and lb.freeze first")
     model = copy.deepcopy(q).eval()
-    exported: dict[str, ExportLayer] = {}
+    exported: dict[str, ExportLayer | ExportEmbedding] = {}
+    for name, table in quant_embeddings(model):
+        new = export_embedding(name, table)
+        if opset < BLOCKED_OPSET and (new.int4 or new.block_size):
+            raise ValueError(f"cannot export embedding {name!r} at opset {opset}: 4-bit or grouped codes need opset "
+                             f"{BLOCKED_OPSET}; pass opset={BLOCKED_OPSET}")
+        _set_module(model, name, new)
+        exported[name] = new
     for name, layer in quant_layers(model):
         new = export_layer(name, layer, integer)
         if opset < BLOCKED_OPSET and (new.int4 or new.block_size or (new.input_qdq is not None and (

@@ -7,7 +7,9 @@ still to do; the first one called opens a *group* together with the layers calle
 same input tensor (``q``/``k``/``v`` projections, parallel branches), which cannot affect each
 other; the pass stops (by an exception the driver catches) as soon as another pending layer is
 about to run. The group is then quantized and pinned, and the next step starts. Only one group's
-Hessians (``d x d`` each) are held at a time.
+Hessians (``d x d`` each) are held at a time. Blocks whose layers are all final are replayed from
+their recorded outputs instead of recomputed (:mod:`lowbit.gptq.cache`), so a pass costs little
+more than the block it quantizes.
 
 A layer called several times per forward (shared weights) sees only the calls before the next
 pending layer; layers no batch reaches keep round to nearest and are listed as ``unreached``.
@@ -26,6 +28,7 @@ from .. import ops
 from ..modules import QuantLayer, WeightQuantizer
 from ..quantize import quant_layers
 from ..spec import PerTensor
+from .cache import BlockCache, find_blocks
 from .inputs import Hessian, gemm_inputs, run_batch, to_device
 from .report import GPTQReport, LayerReport, output_error
 from .solver import check_spec, solve
@@ -47,6 +50,7 @@ class _Collector:
         self.dtype_of = dtype_of
         self.group: dict[QuantLayer, Hessian] = {}
         self.batch_input: torch.Tensor | None = None
+        self.cache: BlockCache | None = None
 
     def new_batch(self) -> None:
         self.batch_input = None
@@ -54,6 +58,8 @@ class _Collector:
     def __call__(self, layer: nn.Module, args: tuple) -> None:
         if layer not in self.pending or not args:
             return
+        if self.cache is not None:
+            self.cache.dirty = True
         x = args[0]
         if self.batch_input is None and (not self.group or layer in self.group):
             self.batch_input = x
@@ -98,7 +104,9 @@ def _select(model: nn.Module, include, exclude) -> list[tuple[str, QuantLayer]]:
     return out
 
 
-def _check_args(damp, block_size, act_order) -> None:
+def _check_args(damp, block_size, act_order, replay) -> None:
+    if not isinstance(replay, bool):
+        raise TypeError(f"replay must be a bool, got {replay!r}")
     if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not damp >= 0:
         raise ValueError(f"damp must be a number >= 0 (a fraction of mean(diag H), e.g. 0.01), got {damp!r}")
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
@@ -145,7 +153,7 @@ def _quantize_layer(name: str, layer: QuantLayer, hess: Hessian, damp: float, bl
 
 
 def gptq(q: nn.Module, batches: Iterable, *, damp: float = 0.01, block_size: int = 128, act_order: bool = False,
-         include: Sequence[str] | str | None = None, exclude: Sequence[str] | str | None = None) -> GPTQReport:
+         replay: bool = True, include: Sequence[str] | str | None = None, exclude: Sequence[str] | str | None = None) -> GPTQReport:
     """Quantize the weights of ``q`` (from ``lb.quantize``, before ``lb.freeze``) by GPTQ, in place.
 
     Frantar et al. 2022, "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
@@ -163,6 +171,9 @@ def gptq(q: nn.Module, batches: Iterable, *, damp: float = 0.01, block_size: int
         block_size: columns per lazy update block (only speed depends on it).
         act_order: quantize columns in order of decreasing ``diag(H)``; per-group grids are then
             fitted up front to the original weights (static groups).
+        replay: replay the recorded outputs of blocks whose layers are all final instead of
+            recomputing them (:mod:`lowbit.gptq.cache`; same result, faster). Needs a model whose
+            blocks compute the same output for the same batch (eval mode: the driver sets it).
         include / exclude: glob patterns over layer names selecting the layers to run GPTQ on
             (the others keep round to nearest).
 
@@ -170,7 +181,7 @@ def gptq(q: nn.Module, batches: Iterable, *, damp: float = 0.01, block_size: int
     """
     if not isinstance(q, nn.Module):
         raise TypeError(f"q must be a torch.nn.Module from lb.quantize, got {type(q).__name__}")
-    _check_args(damp, block_size, act_order)
+    _check_args(damp, block_size, act_order, replay)
     if isinstance(batches, torch.Tensor) or isinstance(batches, dict):
         raise TypeError("batches must be an iterable of batches (e.g. a list [x1, x2] or a DataLoader), "
                         "not a single batch; wrap it: [x]")
@@ -190,6 +201,8 @@ def gptq(q: nn.Module, batches: Iterable, *, damp: float = 0.01, block_size: int
     t_start = time.perf_counter()
     collector = _Collector(pending, lambda layer: _compute_dtype(layer.weight))
     hooks = [layer.register_forward_pre_hook(collector) for layer in pending]
+    cache = BlockCache(find_blocks(q, set(pending)), pending) if replay else None
+    collector.cache = cache
     was_training = q.training
     q.eval()
     # During the passes the selected layers run on their float master weights: a finished layer's
@@ -199,11 +212,15 @@ def gptq(q: nn.Module, batches: Iterable, *, damp: float = 0.01, block_size: int
         layer.weight_quant.enabled = False
     ok = False
     try:
+        if cache is not None:
+            cache.install()
         while pending:
             collector.group = {}
             with torch.no_grad():
-                for batch in batches:
+                for index, batch in enumerate(batches):
                     collector.new_batch()
+                    if cache is not None:
+                        cache.new_batch(index)
                     try:
                         run_batch(q, to_device(batch, device))
                     except _Stop:
@@ -220,6 +237,8 @@ def gptq(q: nn.Module, batches: Iterable, *, damp: float = 0.01, block_size: int
     finally:
         for h in hooks:
             h.remove()
+        if cache is not None:
+            cache.remove()
         for layer in backup:
             layer.weight_quant.enabled = True
         q.train(was_training)

@@ -14,10 +14,10 @@ The transformer-specific recipes (``w8a8-smooth``, ``w8a8-dynamic``, ``w4g128-..
 """
 from .backends import BACKENDS, Backend, available, build, candidates, fastest, register_backend
 from .minilm import FAMILY, quantize_minilm, read_sentences, split_sentences, timed_encode
-from .sentence import WeightBytes, model_bytes, quantize_sentence_model, weight_bytes, with_transformer
+from .sentence import WeightBytes, calibration_batches, model_bytes, quantize_sentence_model, weight_bytes, with_transformer
 
 __all__ = [
-    "quantize_sentence_model", "with_transformer", "model_bytes", "weight_bytes", "WeightBytes",
+    "quantize_sentence_model", "calibration_batches", "with_transformer", "model_bytes", "weight_bytes", "WeightBytes",
     "Backend", "BACKENDS", "register_backend", "available", "candidates", "build", "fastest",
     "quantize_minilm", "read_sentences", "split_sentences", "timed_encode", "FAMILY",
 ]

@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 FAMILY = "transformer"
 MIN_SENTENCES = 4          # Spearman of pairwise similarities needs a few sentences
-CALIBRATION_SIZE = 128
+CALIBRATION_SIZE = 512   # GPTQ/AWQ gain from more (128: 0.9898, 512: 0.9920 cosine at 4 bits); 20-30 s
 CALIBRATION_CHOICES = ("builtin", "file")
 _AUTO = ("auto", "fastest")
 
@@ -165,6 +165,7 @@ def quantize_minilm(recipe: str = "w8a8", sentences: list[str] | None = None, *,
         "sentences": len(evals), "calibration_sentences": len(calib) if rec.needs_calibration else 0,
         "calibration_source": calibration if rec.needs_calibration else None,
         "quantized_layers": len(info.quantized), "float_modules": sorted(info.skipped),
+        "quantized_embeddings": list(info.quantized_embeddings),
         "float": {"seconds": f_wall, "cpu_seconds": f_cpu, "size_bytes": model_bytes(zoo.transformer_of(st))},
         "quantized": {"seconds": q_wall, "cpu_seconds": q_cpu, "speedup": f_wall / q_wall,
                       "cosine_mean": agree.cosine_mean, "cosine_min": agree.cosine_min, "spearman": agree.spearman,

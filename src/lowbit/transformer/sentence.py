@@ -3,8 +3,11 @@
 The quantizer works on the Hugging Face transformer inside (``BertModel`` for MiniLM,
 :func:`lowbit.zoo.transformer_of`): every ``nn.Linear`` is quantized; embeddings, LayerNorms,
 attention softmax and pooling stay float (listed in ``lowbit_info.skipped``). Calibration batches
-are the tokenizer's outputs (dicts of ``input_ids``/``attention_mask``/``token_type_ids``, from
-:func:`lowbit.zoo.tokenized_batches`). The quantized transformer is put back into a copy of the
+are the tokenizer's outputs (dicts of ``input_ids``/``attention_mask``/``token_type_ids``) for
+sentences of equal token length (:func:`calibration_batches`): a padded batch would calibrate on
+the hidden states of its padding tokens, which the model computes but masks out of every result
+(with the built-in sentences in batches of 32, 57% of the tokens were padding), and the
+data-aware weight methods (GPTQ, AWQ) would fit their output error. The quantized transformer is put back into a copy of the
 ``SentenceTransformer``, so ``model.encode`` and the zoo's evaluation run it like the float model::
 
     st_q = quantize_sentence_model(st, recipes.get("w8a8", family="transformer"), calibration_sentences)
@@ -24,7 +27,7 @@ from ..modules import QuantLayer
 from ..quantize import quant_layers
 from ..recipes import Recipe
 
-__all__ = ["with_transformer", "quantize_sentence_model", "model_bytes",
+__all__ = ["with_transformer", "quantize_sentence_model", "calibration_batches", "model_bytes",
            "weight_bytes", "WeightBytes"]
 
 
@@ -55,6 +58,25 @@ def with_transformer(model: nn.Module, inner: nn.Module) -> nn.Module:
     return out
 
 
+def calibration_batches(model: nn.Module, sentences: list[str], batch_size: int = 32) -> list[dict[str, torch.Tensor]]:
+    """Tokenized batches without padding: the sentences grouped by token length, at most
+    ``batch_size`` per batch (shortest first; sentences keep their order within a length)."""
+    texts = list(sentences)
+    if not texts:
+        raise ValueError("sentences is empty; pass at least one calibration sentence")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1; got {batch_size!r}")
+    max_length = getattr(model, "max_seq_length", None) or 256
+    lengths = [len(ids) for ids in model.tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]]
+    by_length: dict[int, list[str]] = {}
+    for n, t in zip(lengths, texts):
+        by_length.setdefault(n, []).append(t)
+    out = []
+    for n in sorted(by_length):
+        out += zoo.tokenized_batches(model, by_length[n], batch_size, max_length=max_length)
+    return out
+
+
 def quantize_sentence_model(model: nn.Module, recipe: Recipe, sentences: list[str] | None = None, *,
                             batch_size: int = 32, freeze: bool = True) -> nn.Module:
     """A copy of ``model`` whose transformer is quantized by ``recipe``, calibrated on ``sentences``.
@@ -67,7 +89,7 @@ def quantize_sentence_model(model: nn.Module, recipe: Recipe, sentences: list[st
         raise TypeError(f"recipe must be a lowbit.recipes.Recipe, got {type(recipe).__name__}")
     inner = zoo.transformer_of(model)
     t0, c0 = time.perf_counter(), time.process_time()
-    batches = zoo.tokenized_batches(model, sentences, batch_size) if sentences is not None else None
+    batches = calibration_batches(model, sentences, batch_size) if sentences is not None else None
     q = recipe.apply(inner, batches, freeze=freeze)
     out = with_transformer(model, q)
     out.lowbit_seconds = {"wall": time.perf_counter() - t0, "cpu": time.process_time() - c0}

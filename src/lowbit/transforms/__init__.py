@@ -5,6 +5,7 @@
   bound clips with :func:`activation_clipping`.
 * :func:`equalize`: cross-layer equalization of ReLU networks (Nagel et al. 2019).
 * :func:`smooth_quant`: SmoothQuant, activation outliers moved into the weights (Xiao et al. 2023).
+* :func:`awq`: activation-aware scaling of weight columns before weight-only quantization (Lin et al. 2024).
 * :func:`bias_correction`: remove the mean output shift of quantized layers (Nagel et al. 2019).
 * :func:`quantize_with`: float transforms -> quantize -> calibrate -> bias correction -> freeze, by name.
 
@@ -16,6 +17,7 @@ from .bound import BoundedReLU, ClipStats, activation_clipping, bound_activation
 from .equalization import EqualizationPair, equalize, find_equalization_pairs
 from .fold_bn import find_conv_bn_pairs, fold_batchnorm
 from .smooth_quant import ChannelScale, SmoothedLinear, SmoothInfo, outlier_ratio, smooth_quant
+from .awq import AWQInfo, AWQLayer, awq
 from .pipeline import TRANSFORMS, apply_transforms, quantize_with, register_transform
 
 __all__ = [
@@ -24,5 +26,6 @@ __all__ = [
     "equalize", "find_equalization_pairs", "EqualizationPair",
     "bias_correction", "output_bias",
     "smooth_quant", "SmoothedLinear", "ChannelScale", "SmoothInfo", "outlier_ratio",
+    "awq", "AWQInfo", "AWQLayer",
     "quantize_with", "apply_transforms", "register_transform", "TRANSFORMS",
 ]

@@ -1,0 +1,162 @@
+"""``QuantEmbedding``: a weight-only quantized ``nn.Embedding`` (a lookup table of integer rows).
+
+An embedding ``E[i]`` (row ``i`` of a ``[num_embeddings, dim]`` table) does no arithmetic with its
+input, so only the table is quantized: ``E^ = (Q - z) * s`` on the grid of ``spec``, per row
+(``PerChannel(0)``: one scale per token), per group of ``size`` consecutive entries of a row
+(``PerGroup(size)``), or one for the table (``PerTensor()``). Until ``freeze`` the float table is
+the master copy and is fake-quantized on each forward (so QAT works as for a linear layer);
+``freeze()`` stores the codes (packed two per byte for 4 bits) with their scales and zero points as
+buffers ``weight_codes``/``weight_scale``/``weight_zero_point``, like
+:class:`~lowbit.modules.QuantLayer`, and a lookup then dequantizes only the rows it reads::
+
+    y[..., :] = (Q[ids] - z[ids]) * s[ids]        (the same float32 arithmetic as dequantizing the table)
+
+A large vocabulary is where most of a small transformer's parameters sit (MiniLM: 11.7M of 22.7M in
+its word embeddings), so quantizing the table is what shrinks the whole model, not only its
+linear layers.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops import packing
+from ..qtensor import QTensor
+from ..spec import PerChannel, PerGroup, PerTensor, QuantSpec
+from .quantizer import WeightQuantizer
+
+__all__ = ["QuantEmbedding", "check_embedding_spec"]
+
+
+def check_embedding_spec(spec: QuantSpec, arg: str = "embeddings") -> None:
+    """Raise unless ``spec`` is a static grid a lookup table can use (per tensor, row or row group)."""
+    if not isinstance(spec, QuantSpec):
+        raise TypeError(f"{arg} must be a lowbit.QuantSpec or None, got {type(spec).__name__}")
+    g = spec.granularity
+    ok = (isinstance(g, PerTensor) or (isinstance(g, PerChannel) and g.axis in (0, -2))
+          or (isinstance(g, PerGroup) and g.axis in (1, -1)))
+    if spec.dynamic or not ok:
+        raise ValueError(f"{arg}: an embedding table needs a static grid per tensor, per row (PerChannel(0)) or per "
+                         f"group of a row (PerGroup(size)), got {spec}")
+
+
+class QuantEmbedding(nn.Module):
+    """Quantized :class:`torch.nn.Embedding` (see the module docstring).
+
+    Attributes:
+        weight_quant: the table's :class:`WeightQuantizer` (it sees the table as ``[rows, dim]``).
+        frozen: whether the table is stored as integer codes.
+    """
+
+    float_type = nn.Embedding
+
+    def __init__(self, weight: nn.Parameter, padding_idx: int | None, weight_quant: WeightQuantizer,
+                 scale_grad_by_freq: bool = False, sparse: bool = False) -> None:
+        super().__init__()
+        self.weight = weight
+        self.padding_idx = padding_idx
+        self.scale_grad_by_freq = scale_grad_by_freq
+        self.sparse = sparse
+        self.weight_quant = weight_quant
+        self.frozen = False
+        self._weight_shape = tuple(weight.shape)
+
+    @classmethod
+    def from_float(cls, module: nn.Embedding, spec: QuantSpec, observer: str = "minmax",
+                   observer_options: dict | None = None) -> "QuantEmbedding":
+        """Wrap ``module``'s table (shared, not copied). ``max_norm`` (which rewrites the table on
+        lookup) is refused."""
+        if module.max_norm is not None:
+            raise ValueError("an nn.Embedding with max_norm renormalizes its table on every lookup; it cannot be "
+                             "quantized (leave it float with exclude=)")
+        check_embedding_spec(spec)
+        wq = WeightQuantizer(spec, observer, observer_options)
+        return cls(module.weight, module.padding_idx, wq, module.scale_grad_by_freq, module.sparse)
+
+    @property
+    def num_embeddings(self) -> int:
+        return self._weight_shape[0]
+
+    @property
+    def embedding_dim(self) -> int:
+        return self._weight_shape[1]
+
+    # -- the table -----------------------------------------------------------------------------
+    def quantized_weight(self) -> torch.Tensor:
+        """The whole table as the forward sees it: fake-quantized (or dequantized, once frozen)."""
+        if self.frozen:
+            key = tuple((t.data_ptr(), t._version) for t in (self.weight_codes, self.weight_scale, self.weight_zero_point))
+            cached = self.__dict__.get("_dq_cache")
+            if cached is None or cached[0] != key:
+                cached = (key, self.qweight.dequantize().reshape(self._weight_shape))
+                self.__dict__["_dq_cache"] = cached
+            return cached[1]
+        return self.weight_quant(self.weight)
+
+    @property
+    def qweight(self) -> QTensor:
+        """The integer table as a :class:`QTensor`."""
+        spec = self.weight_quant.spec
+        if self.frozen:
+            return QTensor(self.weight_codes, self.weight_scale, self.weight_zero_point, spec, self._weight_shape,
+                           self.weight_codes.dtype == torch.uint8 and spec.bits <= 4)
+        scale, zero_point = self.weight_quant.qparams(self.weight)
+        return QTensor.from_float(self.weight.detach(), spec, scale, zero_point)
+
+    def freeze(self) -> None:
+        """Store the table as integer codes and drop the float master copy (idempotent)."""
+        if not self.frozen:
+            self.set_frozen_weight(self.qweight)
+
+    def set_frozen_weight(self, qweight: QTensor) -> None:
+        """Hold ``qweight`` as the table and drop the float master copy."""
+        if tuple(qweight.shape) != self._weight_shape:
+            raise ValueError(f"qweight has shape {tuple(qweight.shape)}, this table needs {self._weight_shape}")
+        if "weight" in self._parameters:
+            del self.weight
+        self.register_buffer("weight_codes", qweight.data)
+        self.register_buffer("weight_scale", qweight.scale)
+        self.register_buffer("weight_zero_point", qweight.zero_point)
+        self.weight_quant.scale = self.weight_quant.zero_point = None
+        self.frozen = True
+
+    def __getattr__(self, name: str):
+        if name == "weight" and self.__dict__.get("frozen", False):
+            return self.quantized_weight()
+        return super().__getattr__(name)
+
+    def _rows(self, ids: torch.Tensor) -> torch.Tensor | None:
+        """Dequantized rows ``ids`` (flat) of the frozen table, or None where rows are not byte-aligned."""
+        spec = self.weight_quant.spec
+        rows, dim = self._weight_shape
+        codes = self.weight_codes
+        packed = codes.dtype == torch.uint8 and spec.bits <= 4
+        if packed:
+            per_byte = 8 // packing.container_bits(spec.bits)
+            if dim % per_byte:
+                return None
+            codes = codes.reshape(rows, dim // per_byte)
+        picked = codes[ids]
+        scale, zp = self.weight_scale, self.weight_zero_point
+        if scale.dim():   # per row or per row group: the rows' own parameters
+            scale, zp = scale[ids], zp[ids]
+        q = QTensor(picked.reshape(-1) if packed else picked, scale, zp, spec, (ids.numel(), dim), packed)
+        return q.dequantize()
+
+    # -- forward -------------------------------------------------------------------------------
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.frozen:
+            flat = ids.reshape(-1)
+            if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.num_embeddings):
+                raise IndexError(f"index out of range in QuantEmbedding: ids must lie in [0, {self.num_embeddings})")
+            rows = self._rows(flat)
+            if rows is not None:
+                return rows.reshape(*ids.shape, self.embedding_dim)
+        return F.embedding(ids, self.quantized_weight(), self.padding_idx, None, 2.0, self.scale_grad_by_freq,
+                           self.sparse)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}" + (
+            f", padding_idx={self.padding_idx}" if self.padding_idx is not None else "") + (
+            ", frozen" if self.frozen else "")

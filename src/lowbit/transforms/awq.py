@@ -1,0 +1,280 @@
+"""AWQ: activation-aware weight scaling, so the few weights that meet large activations round better.
+
+Lin, Tang, Tang, Yang, Chen, Wang, Xiao, Dang, Gan, Han 2024, "AWQ: Activation-aware Weight
+Quantization for LLM Compression and Acceleration" (MLSys). A linear layer ``y = W x`` is unchanged
+by a per-input-channel factor ``s > 0``::
+
+    W x = (W diag(s)) (diag(s)^-1 x)
+
+but its weight-only quantization is not: ``Q(W diag(s)) diag(s)^-1`` scales the rounding error of
+column ``j`` by ``1/s_j`` (as long as the group's range, and so its step, barely moves), so channels
+that carry large activations ``|x_j|`` should get ``s_j > 1``. AWQ takes
+
+    s_j = mean|x_j|^alpha / sqrt(max_k mean|x_k|^alpha * min_k mean|x_k|^alpha)     (alpha in [0, 1])
+
+(``mean`` over all calibration tokens; the normalisation centres ``s`` around 1 on a log scale)
+and picks ``alpha`` on a grid ``{0, 1/n, ..., (n-1)/n}`` to minimise the layer's calibration output
+error of round to nearest on the weight grid ``spec``::
+
+    E(alpha) = sum_x ||W x - Q(W diag(s)) diag(s)^-1 x||^2 = tr(dW H dW^T),
+    dW = W - Q(W diag(s)) diag(s)^-1,   H = sum_x x x^T
+
+``H`` is accumulated once per layer (one pass over the calibration batches), so the search costs
+one fake quantization and one ``[rows, d] x [d, d]`` product per grid point, not a forward pass.
+``alpha = 0`` (``s = 1``, plain round to nearest) is always on the grid, so AWQ never has a larger
+calibration error than round to nearest on the same grid. Layers reading the same tensor that
+is folded (below) share one ``s``: ``alpha`` minimises the sum of their errors.
+
+Where ``diag(s)^-1 x`` is computed is SmoothQuant's choice (:mod:`lowbit.transforms.smooth_quant`):
+folded into a LayerNorm/RMSNorm read only by linear layers (pre-LN transformers), else an explicit
+:class:`~lowbit.transforms.smooth_quant.SmoothedLinear` (``explicit=True``; post-LN BERT / MiniLM,
+FFN down-projections, attention output projections). The result is a float model computing the
+same function (to float rounding); ``lb.quantize`` with the same weight spec then quantizes the
+scaled weights, and GPTQ (``lb.gptq``) can run on top (Frantar et al. 2022; the two are
+complementary: AWQ picks the scale of the columns, GPTQ the rounding).
+"""
+from __future__ import annotations
+
+import copy
+import fnmatch
+import logging
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from .. import batches as _batches
+from .. import ops
+from ..modules import QuantLayer
+from ..spec import PerToken, QuantSpec
+from .dataflow import trace_linear_inputs
+from .pipeline import register_transform
+from .smooth_quant import SmoothedLinear, _patterns, _set_module
+
+__all__ = ["awq", "awq_factors", "layer_error", "AWQInfo", "AWQLayer"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AWQLayer:
+    """One layer: how its factor is applied (``"folded into <norm>"`` / ``"explicit"``), the chosen
+    ``alpha``, and its calibration output error per input vector under round to nearest on the weight
+    grid without (``rtn_error``) and with (``awq_error``) the factor."""
+
+    how: str
+    alpha: float
+    rtn_error: float
+    awq_error: float
+
+    @property
+    def gain(self) -> float:
+        return self.rtn_error / self.awq_error if self.awq_error > 0 else float("inf")
+
+
+@dataclass
+class AWQInfo:
+    """What :func:`awq` did (``model.lowbit_awq``)."""
+
+    weights: QuantSpec
+    grid: int
+    layers: dict[str, AWQLayer] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {"weights": str(self.weights), "grid": self.grid, "skipped": dict(self.skipped),
+                "layers": {n: vars(v).copy() for n, v in self.layers.items()}}
+
+
+class _Stats:
+    """Per linear layer: ``H = sum x x^T``, ``sum |x|`` (float32) and the number of input vectors."""
+
+    def __init__(self) -> None:
+        self.h: torch.Tensor | None = None
+        self.abs_sum: torch.Tensor | None = None
+        self.n = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        with torch._C.DisableTorchFunction():   # invisible to the dataflow tracer (not a reader of x)
+            self._add(x)
+
+    def _add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1])
+        if x.numel() == 0:
+            return
+        x = torch.nan_to_num(x.float(), nan=0.0, posinf=0.0, neginf=0.0)
+        xtx = x.T @ x
+        a = x.abs().sum(0)
+        self.h = xtx if self.h is None else self.h.add_(xtx)
+        self.abs_sum = a if self.abs_sum is None else self.abs_sum.add_(a)
+        self.n += x.shape[0]
+
+    @property
+    def mean_abs(self) -> torch.Tensor:
+        return self.abs_sum / max(self.n, 1)
+
+
+def awq_factors(mean_abs: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``s = m^alpha / sqrt(max(m^alpha) min(m^alpha))`` for per-channel ``m = mean|x_j|`` (float32).
+
+    Channels with ``m_j = 0`` (never active in calibration) count as the smallest active one.
+    """
+    m = mean_abs.float()
+    pos = m[m > 0]
+    floor = float(pos.min()) if pos.numel() else 1.0
+    s = m.clamp_min(floor).pow(alpha)
+    return s / (s.max() * s.min()).sqrt()
+
+
+def layer_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor, n: int) -> float:
+    """Mean squared output error per input vector, ``tr((W - W^) H (W - W^)^T) / n``."""
+    dw = (w - w_hat).to(h.dtype)
+    return float(((dw @ h) * dw).sum(dtype=torch.float64)) / max(n, 1)
+
+
+def _rtn(w: torch.Tensor, spec: QuantSpec, observer: str, options: dict) -> torch.Tensor:
+    scale, zero_point = ops.choose_qparams(w, spec, observer, **options)
+    return ops.fake_quantize(w, spec, scale, zero_point)
+
+
+def _search(weights: list[torch.Tensor], stats: _Stats, spec: QuantSpec, observer: str, options: dict,
+            grid: int) -> tuple[float, torch.Tensor, float, float]:
+    """``(alpha, s, rtn_error, best_error)`` for layers sharing one input (errors summed)."""
+    h = stats.h
+    ws = [w.detach().float() for w in weights]
+    m = stats.mean_abs.to(h.device)
+    best = None
+    rtn = 0.0
+    for i in range(grid):
+        alpha = i / grid
+        s = awq_factors(m, alpha)
+        err = 0.0
+        for w in ws:
+            w_hat = _rtn(w * s, spec, observer, options) / s
+            err += layer_error(w, w_hat, h, stats.n)
+        if i == 0:
+            rtn = err
+        if best is None or err < best[2]:
+            best = (alpha, s, err)
+    return best[0], best[1], rtn, best[2]
+
+
+def _check(model, weights, grid, observer, explicit) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if any(isinstance(m, QuantLayer) for m in model.modules()):
+        raise ValueError("awq acts on the float model: apply it before lb.quantize (recipes do: "
+                         "transforms=(('awq', {'weights': spec}),))")
+    if not isinstance(weights, QuantSpec):
+        raise TypeError(f"weights must be the lowbit.QuantSpec the weights will be quantized with (AWQ searches "
+                        f"its factors on that grid), got {type(weights).__name__}")
+    if weights.dynamic or isinstance(weights.granularity, PerToken):
+        raise ValueError(f"weights must be a static weight spec (PerTensor, PerChannel(0) or PerGroup), got {weights}")
+    if isinstance(grid, bool) or not isinstance(grid, int) or grid < 1:
+        raise ValueError(f"grid must be an int >= 1 (alpha is searched over i/grid, i < grid; AWQ uses 20), "
+                         f"got {grid!r}")
+    if observer not in ops.RANGE_METHODS:
+        raise ValueError(f"observer must be one of {sorted(ops.RANGE_METHODS)} (the weight range method of "
+                         f"lb.quantize), got {observer!r}")
+    if not isinstance(explicit, bool):
+        raise TypeError(f"explicit must be a bool, got {explicit!r}")
+
+
+def awq(model: nn.Module, batches: Iterable, weights: QuantSpec, *, grid: int = 20, observer: str = "minmax",
+        observer_options: dict | None = None, explicit: bool = True,
+        include: Sequence[str] | str | None = None, exclude: Sequence[str] | str | None = None) -> nn.Module:
+    """An AWQ-scaled copy of the float ``model`` for weights quantized with ``weights`` (see the module docstring).
+
+    Args:
+        batches: calibration inputs (see :mod:`lowbit.batches`), run once.
+        weights: the weight grid the model will be quantized with (``lb.quantize(weights=...)``).
+        grid: number of ``alpha`` values searched, ``i / grid`` for ``i < grid``.
+        observer / observer_options: the weight range method (``weight_observer`` of ``lb.quantize``).
+        explicit: scale layers whose input cannot be folded into a norm with an explicit
+            :class:`~lowbit.transforms.smooth_quant.SmoothedLinear` (True), or leave them alone (False).
+        include / exclude: glob patterns over ``nn.Linear`` names selecting the layers to scale.
+
+    The copy computes the same function as ``model`` and carries ``lowbit_awq`` (an :class:`AWQInfo`).
+    """
+    _check(model, weights, grid, observer, explicit)
+    spec = weights.replace(rounding="nearest")
+    options = dict(observer_options or {})
+    data = _batches.as_batches(batches)
+    out = copy.deepcopy(model)
+    linear_names = [n for n, m in out.named_modules() if type(m) is nn.Linear]
+    if not linear_names:
+        raise ValueError("awq: model has no nn.Linear layer to scale")
+    include = _patterns("include", include, linear_names)
+    exclude = _patterns("exclude", exclude, linear_names)
+    modules = dict(out.named_modules())
+    stats = {n: _Stats() for n in linear_names}
+    hooks = [modules[n].register_forward_pre_hook(lambda _m, args, st=stats[n]: st.add(args[0]) if args else None)
+             for n in linear_names]
+    device = _batches.model_device(out)
+    try:
+        flow = trace_linear_inputs(out, data, lambda m, b: _batches.call(m, b, device))
+    finally:
+        for hk in hooks:
+            hk.remove()
+
+    info = AWQInfo(weights=weights, grid=grid)
+    selected = []
+    for name in linear_names:
+        if include is not None and not any(fnmatch.fnmatchcase(name, p) for p in include):
+            continue
+        if exclude is not None and any(fnmatch.fnmatchcase(name, p) for p in exclude):
+            continue
+        if stats[name].n == 0:
+            info.skipped[name] = "no calibration batch reached it"
+            continue
+        selected.append(name)
+
+    # 1. one shared factor, folded into a norm whose output only the selected linear layers read
+    readers: dict[str, list[str]] = {}
+    for name, rec in flow.linears.items():
+        for p in rec.producers:
+            if p is not None:
+                readers.setdefault(p, []).append(name)
+    folded: set[str] = set()
+    for norm_name, group in readers.items():
+        if not flow.foldable(norm_name, group) or not all(n in selected for n in group):
+            continue
+        alpha, s, rtn, err = _search([modules[n].weight for n in group], stats[group[0]], spec, observer, options, grid)
+        norm = modules[norm_name]
+        with torch.no_grad():
+            norm.weight.div_(s.to(norm.weight))
+            if getattr(norm, "bias", None) is not None:
+                norm.bias.div_(s.to(norm.bias))
+            for n in group:
+                modules[n].weight.mul_(s.to(modules[n].weight))
+        for n in group:
+            info.layers[n] = AWQLayer(f"folded into {norm_name}", alpha, rtn, err)
+            folded.add(n)
+
+    # 2. the others: explicit factor, or left alone
+    for name in selected:
+        if name in folded:
+            continue
+        if not explicit:
+            info.skipped[name] = "its input is not a norm output read only by linear layers; explicit=False"
+            continue
+        lin = modules[name]
+        alpha, s, rtn, err = _search([lin.weight], stats[name], spec, observer, options, grid)
+        if alpha == 0.0:   # s = 1: nothing to gain, keep the plain layer
+            info.layers[name] = AWQLayer("unchanged", alpha, rtn, err)
+            continue
+        with torch.no_grad():
+            lin.weight.mul_(s.to(lin.weight))
+        wrapped = SmoothedLinear(lin, s.to(lin.weight.device))
+        if name:
+            _set_module(out, name, wrapped)
+        else:          # the model is the linear layer itself
+            out = wrapped
+        info.layers[name] = AWQLayer("explicit", alpha, rtn, err)
+    log.info("awq: %d linear layers scaled (%d folded), %d skipped", len(info.layers), len(folded), len(info.skipped))
+    out.lowbit_awq = info
+    return out
+
+
+register_transform("awq", "float", lambda m, batches, **o: awq(m, batches, **o))

@@ -1,0 +1,154 @@
+"""AWQ: the float function is kept, and the scaled weights round with less output error than plain RTN."""
+import pytest
+import torch
+from torch import nn
+
+import lowbit as lb
+from lowbit.transforms import SmoothedLinear, awq
+from lowbit.transforms.awq import awq_factors
+from lowbit.transforms.pipeline import TRANSFORMS
+
+W4 = lb.QuantSpec(bits=4, symmetric=False, granularity=lb.PerGroup(16))
+W3 = lb.QuantSpec(bits=3, granularity=lb.PerChannel(0))
+
+
+def _salient(n=4, tokens=32, d=64, seed=0, salient=(3, 17, 40), gain=30.0):
+    """Inputs where a few channels carry far larger activations (as in LLMs / transformers)."""
+    g = torch.Generator().manual_seed(seed)
+    xs = []
+    for _ in range(n):
+        x = torch.randn(tokens, d, generator=g)
+        x[:, [c for c in salient if c < d]] *= gain
+        xs.append(x)
+    return xs
+
+
+class PreLN(nn.Module):
+    """LN outputs read only by linear layers (q/k/v; fc1): AWQ folds its factor into the norm."""
+
+    def __init__(self, d=32, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        with torch.no_grad():
+            self.ln1.weight.copy_(torch.rand(d) + 0.5)
+            self.ln1.weight[3] = 20.0
+            self.ln2.bias.copy_(torch.randn(d))
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.fc1, self.fc2 = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+
+    def forward(self, x):
+        h = self.ln1(x)
+        att = torch.softmax(self.q(h) @ self.k(h).transpose(-1, -2) / 4.0, dim=-1) @ self.v(h)
+        x = x + self.o(att)
+        return x + self.fc2(torch.nn.functional.gelu(self.fc1(self.ln2(x))))
+
+
+class PostLN(nn.Module):
+    """BERT style: the LN output is also the residual, so only explicit factors are exact."""
+
+    def __init__(self, d=32):
+        super().__init__()
+        torch.manual_seed(1)
+        self.ln = nn.LayerNorm(d)
+        self.v, self.o = nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, x):
+        h = self.ln(x)
+        return self.ln(h + self.o(self.v(h)))
+
+
+def _output_error(float_model, q, xs):
+    with torch.no_grad():
+        return sum(float(((float_model(x) - q(x)) ** 2).sum()) for x in xs)
+
+
+def test_factors_are_one_at_alpha_zero_and_centred_on_a_log_scale():
+    m = torch.tensor([0.5, 2.0, 8.0, 0.0, 1.0])
+    assert torch.equal(awq_factors(m, 0.0), torch.ones(5))
+    s = awq_factors(m, 0.7)
+    assert torch.allclose(s.max() * s.min(), torch.tensor(1.0), rtol=1e-6)
+    active = m > 0
+    assert torch.all(torch.diff(s[active][torch.argsort(m[active])]) > 0)   # monotone in mean|x|
+    assert s[3] == s[active].min()                                         # dead channel: the smallest
+
+
+@pytest.mark.parametrize("model_fn", [PreLN, PostLN])
+def test_float_function_is_unchanged_and_the_input_model_untouched(model_fn):
+    m = model_fn().eval()
+    xs = [x[:, :32].reshape(4, 8, 32) for x in _salient(d=32)]
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    a = awq(m, xs, W4)
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k])
+    with torch.no_grad():
+        for x in xs:
+            torch.testing.assert_close(a(x), m(x), rtol=1e-4, atol=1e-4)
+
+
+def test_folds_where_exact_and_is_explicit_elsewhere():
+    xs = [x[:, :32].reshape(4, 8, 32) for x in _salient(d=32)]
+    pre = awq(PreLN().eval(), xs, W4).lowbit_awq.layers
+    assert {pre[n].how for n in "qkv"} == {"folded into ln1"} and pre["fc1"].how == "folded into ln2"
+    assert len({pre[n].alpha for n in "qkv"}) == 1                         # one shared factor
+    post = awq(PostLN().eval(), xs, W4)
+    assert all(post.lowbit_awq.layers[n].how in ("explicit", "unchanged") for n in ("v", "o"))
+    kept = awq(PostLN().eval(), xs, W4, explicit=False)
+    assert set(kept.lowbit_awq.skipped) == {"v", "o"} and type(kept.v) is nn.Linear
+
+
+def test_never_worse_than_round_to_nearest_and_clearly_better_with_salient_channels():
+    torch.manual_seed(0)
+    lin = nn.Sequential(nn.Linear(64, 48))
+    calib, held_out = _salient(seed=0), _salient(seed=1)
+    a = awq(lin, calib, W3)
+    assert isinstance(a[0], SmoothedLinear)
+    rep = a.lowbit_awq.layers["0"]
+    rtn = _output_error(lin, lb.quantize(lin, weights=W3), calib)
+    scaled = _output_error(lin, lb.quantize(a, weights=W3), calib)
+    n = sum(len(x) for x in calib)
+    assert rep.awq_error <= rep.rtn_error
+    torch.testing.assert_close(torch.tensor(rep.rtn_error), torch.tensor(rtn / n), rtol=1e-3, atol=0)
+    torch.testing.assert_close(torch.tensor(rep.awq_error), torch.tensor(scaled / n), rtol=1e-3, atol=0)
+    held_rtn = _output_error(lin, lb.quantize(lin, weights=W3), held_out)
+    held_awq = _output_error(lin, lb.quantize(a, weights=W3), held_out)
+    assert held_awq < 0.6 * held_rtn
+
+
+def test_every_layer_of_a_block_is_at_most_its_rtn_error():
+    xs = [x[:, :32].reshape(4, 8, 32) for x in _salient(d=32, seed=2)]
+    for layer in awq(PreLN().eval(), xs, W4).lowbit_awq.layers.values():
+        assert layer.awq_error <= layer.rtn_error * (1 + 1e-6)
+
+
+def test_registered_and_runs_in_the_pipeline():
+    assert TRANSFORMS["awq"].stage == "float"
+    m = PostLN().eval()
+    xs = [x[:, :32].reshape(4, 8, 32) for x in _salient(d=32)]
+    q = lb.transforms.quantize_with(m, xs, transforms=[("awq", {"weights": W4}), ("gptq", {"act_order": True})]
+                                    if "gptq" in TRANSFORMS else [("awq", {"weights": W4})], weights=W4)
+    assert all(layer.frozen for _, layer in lb.quantize.__globals__["quant_layers"](q))
+
+
+def test_a_bare_linear_layer_becomes_a_smoothed_one():
+    lin = nn.Linear(64, 48)
+    a = awq(lin, _salient(), W3)
+    assert isinstance(a, SmoothedLinear) and a.lowbit_awq.layers[""].how == "explicit"
+    torch.testing.assert_close(a(_salient()[0]), lin(_salient()[0]), rtol=1e-4, atol=1e-4)
+
+
+def test_bad_input():
+    xs = _salient(d=64)
+    lin = nn.Linear(64, 8)
+    with pytest.raises(TypeError, match="weights"):
+        awq(lin, xs, "int4")
+    with pytest.raises(ValueError, match="grid"):
+        awq(lin, xs, W4, grid=0)
+    with pytest.raises(ValueError, match="observer"):
+        awq(lin, xs, W4, observer="nope")
+    with pytest.raises(ValueError, match="static"):
+        awq(lin, xs, lb.QuantSpec(bits=8, dynamic=True, granularity=lb.PerToken()))
+    with pytest.raises(ValueError, match="before lb.quantize"):
+        awq(lb.quantize(nn.Sequential(lin)), xs, W4)
+    with pytest.raises(ValueError, match="empty"):
+        awq(lin, [], W4)
