@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .modules import QUANT_TYPES, ActQuantizer, QuantEmbedding, QuantLayer, check_embedding_spec
+from .modules.tree import set_module
 from .spec import PerChannel, QuantSpec
 from .transforms.fold_bn import fold_batchnorm
 
@@ -98,12 +99,6 @@ def _why_not(module: nn.Module, parent: nn.Module | None) -> str | None:
     return f"{type(module).__name__} is not supported (lowbit quantizes {', '.join(t.__name__ for t in QUANT_TYPES)})"
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
 def quantize(model: nn.Module, weights: QuantSpec = DEFAULT_WEIGHTS, activations: QuantSpec | None = None,
              observer: str = "minmax", include: Sequence[str] | str | None = None,
              exclude: Sequence[str] | str | None = None, *, weight_observer: str | None = None,
@@ -155,7 +150,7 @@ def quantize(model: nn.Module, weights: QuantSpec = DEFAULT_WEIGHTS, activations
             if module.max_norm is not None:
                 info.skipped[name] = "nn.Embedding with max_norm (it renormalizes its table on every lookup)"
                 continue
-            _set_module(q, name, QuantEmbedding.from_float(module, embeddings, weight_observer or observer,
+            set_module(q, name, QuantEmbedding.from_float(module, embeddings, weight_observer or observer,
                                                            observer_options if weight_observer is None else None))
             info.quantized_embeddings.append(name)
             continue
@@ -165,7 +160,7 @@ def quantize(model: nn.Module, weights: QuantSpec = DEFAULT_WEIGHTS, activations
             continue
         new = QUANT_TYPES[type(module)].from_float(module, weights, activations, observer,
                                                    weight_observer, observer_options)
-        _set_module(q, name, new)
+        set_module(q, name, new)
         info.quantized.append(name)
     if not info.quantized and not info.quantized_embeddings:
         raise ValueError("no layer was quantized: the model has no nn.Linear/nn.Conv1d/nn.Conv2d selected by "

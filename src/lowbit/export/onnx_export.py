@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..checkpoint.atomic import atomic_write
+from ..modules.tree import set_module
 from ..quantize import quant_embeddings, quant_layers
 from .layers import BLOCKED_OPSET, ExportEmbedding, ExportLayer, export_embedding, export_layer
 
@@ -111,12 +112,6 @@ def _output_names(model: nn.Module, args: tuple, kwargs: dict) -> list[str] | No
     if isinstance(out, (tuple, list)) and all(isinstance(v, torch.Tensor) for v in out):
         return [f"output_{i}" for i in range(len(out))]
     return None
-
-
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
 
 
 @contextlib.contextmanager
@@ -283,7 +278,7 @@ def export_onnx(q: nn.Module, example_inputs, path: str | os.PathLike, *, opset:
         if opset < BLOCKED_OPSET and (new.int4 or new.block_size):
             raise ValueError(f"cannot export embedding {name!r} at opset {opset}: 4-bit or grouped codes need opset "
                              f"{BLOCKED_OPSET}; pass opset={BLOCKED_OPSET}")
-        _set_module(model, name, new)
+        set_module(model, name, new)
         exported[name] = new
     for name, layer in quant_layers(model):
         new = export_layer(name, layer, integer)
@@ -291,7 +286,7 @@ def export_onnx(q: nn.Module, example_inputs, path: str | os.PathLike, *, opset:
                 new.input_qdq.spec.dynamic or new.input_qdq.spec.bits > 8))):
             raise ValueError(f"cannot export layer {name!r} at opset {opset}: 4-bit, grouped or 16-bit weights and "
                              f"dynamic activations need opset {BLOCKED_OPSET}; pass opset={BLOCKED_OPSET}")
-        _set_module(model, name, new)
+        set_module(model, name, new)
         exported[name] = new
     names = {id(m): n for n, m in model.named_modules()}
     output_names = _output_names(q, args, kwargs)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..modules import QuantLayer
+from ..modules.tree import set_module
 from ..ops.integer_math import REQUANT_ROUNDING
 from ..quantize import quant_layers
 from ..spec import PerTensor
@@ -112,12 +113,6 @@ def link_output_grids(model: nn.Module) -> dict[str, str]:
     return links
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
 def to_integer(q: nn.Module, *, requantize: bool = True, rounding: str = "half_even",
                strict: bool = False) -> nn.Module:
     """A copy of the frozen quantized model ``q`` whose Linear/Conv layers run on integers.
@@ -151,7 +146,7 @@ def to_integer(q: nn.Module, *, requantize: bool = True, rounding: str = "half_e
                 raise ValueError(f"layer {name!r} cannot run on integers: {why} (strict=False keeps it in float)")
             info.float_layers[name] = why
             continue
-        _set_module(model, name, from_quant_layer(layer, rounding))
+        set_module(model, name, from_quant_layer(layer, rounding))
         info.integer.append(name)
     if not info.integer:
         raise ValueError(f"no layer can run on integers: {info.float_layers}")

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..modules import QuantConv1d, QuantConv2d, QuantLayer, QuantLinear
+from ..modules.tree import set_module
 from ..ops.integer_math import int_matmul
 from ..ops.qparams import range_to_qparams
 from ..quantize import quant_layers
@@ -148,12 +149,6 @@ def _has_ort() -> bool:
     return all(importlib.util.find_spec(m) is not None for m in ("onnxruntime", "onnxscript", "onnx"))
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
 def fast(q: nn.Module, *, backend: str = "auto", example_inputs=None, threads: int | None = None) -> nn.Module:
     """A copy of the frozen quantized model ``q`` that runs fast on the CPU (see the module docstring).
 
@@ -189,11 +184,11 @@ def fast(q: nn.Module, *, backend: str = "auto", example_inputs=None, threads: i
     for name, layer in quant_layers(model):
         why = fast_reason(layer)
         if why is None:
-            _set_module(model, name, FastLinear(layer))
+            set_module(model, name, FastLinear(layer))
             report["int8"].append(name)
         else:
             if isinstance(layer, (QuantLinear, QuantConv1d, QuantConv2d)):
-                _set_module(model, name, DequantizedLayer(layer))
+                set_module(model, name, DequantizedLayer(layer))
             report["float"][name] = why
     model.lowbit_fast = report
     if report["float"]:

@@ -50,7 +50,8 @@ from ..modules import QuantLayer
 from ..spec import PerToken, QuantSpec
 from .dataflow import trace_linear_inputs
 from .pipeline import register_transform
-from .smooth_quant import SmoothedLinear, _patterns, _set_module
+from ..modules.tree import set_module
+from .smooth_quant import SmoothedLinear, _patterns
 
 __all__ = ["awq", "awq_factors", "layer_error", "AWQInfo", "AWQLayer"]
 
@@ -268,7 +269,7 @@ def awq(model: nn.Module, batches: Iterable, weights: QuantSpec, *, grid: int = 
             lin.weight.mul_(s.to(lin.weight))
         wrapped = SmoothedLinear(lin, s.to(lin.weight.device))
         if name:
-            _set_module(out, name, wrapped)
+            set_module(out, name, wrapped)
         else:          # the model is the linear layer itself
             out = wrapped
         info.layers[name] = AWQLayer("explicit", alpha, rtn, err)

@@ -18,6 +18,8 @@ import logging
 import torch
 from torch import nn
 
+from ..modules.tree import set_module
+
 __all__ = ["fold_batchnorm", "find_conv_bn_pairs"]
 
 log = logging.getLogger(__name__)
@@ -75,12 +77,6 @@ def find_conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
         return _pairs_in_sequentials(model)
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
 @torch.no_grad()
 def fold_batchnorm(model: nn.Module) -> list[tuple[str, str]]:
     """Fold every foldable BatchNorm into its layer, **in place**; the BatchNorm becomes ``nn.Identity``.
@@ -101,5 +97,5 @@ def fold_batchnorm(model: nn.Module) -> list[tuple[str, str]]:
         new_b = ((b - bn.running_mean.double()) * factor + beta).to(w.dtype)
         layer.weight = nn.Parameter(new_w, requires_grad=w.requires_grad)
         layer.bias = nn.Parameter(new_b, requires_grad=w.requires_grad)
-        _set_module(model, bn_name, nn.Identity())
+        set_module(model, bn_name, nn.Identity())
     return pairs

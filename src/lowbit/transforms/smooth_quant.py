@@ -49,6 +49,7 @@ from torch import nn
 
 from .. import batches as _batches
 from ..modules import QuantLayer
+from ..modules.tree import set_module
 from .dataflow import trace_linear_inputs
 from .pipeline import register_transform
 
@@ -163,11 +164,6 @@ def _patterns(arg: str, pats, names: list[str]) -> list[str] | None:
     return pats
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
-
-
 def smooth_quant(model: nn.Module, batches: Iterable, alpha: float = 0.5, *, explicit: bool = True,
                  include: Sequence[str] | str | None = None,
                  exclude: Sequence[str] | str | None = None) -> nn.Module:
@@ -254,7 +250,7 @@ def smooth_quant(model: nn.Module, batches: Iterable, alpha: float = 0.5, *, exp
         s = smoothing_factors(rec.channel_max, _column_max(lin.weight), alpha)
         with torch.no_grad():
             lin.weight.mul_(s.to(lin.weight))
-        _set_module(out, name, SmoothedLinear(lin, s.to(lin.weight.device)))
+        set_module(out, name, SmoothedLinear(lin, s.to(lin.weight.device)))
         info.layers[name] = SmoothedLayer("explicit", outlier_ratio(rec.channel_max),
                                           outlier_ratio(rec.channel_max / s))
     log.info("smooth_quant: %d linear layers smoothed (%d folded, %d explicit), %d skipped",
