@@ -33,7 +33,7 @@ from .modules.tree import set_module
 from .spec import PerChannel, QuantSpec
 from .transforms.fold_bn import fold_batchnorm
 
-__all__ = ["quantize", "calibrate", "freeze", "QuantInfo", "quant_layers", "quant_embeddings", "DEFAULT_WEIGHTS"]
+__all__ = ["quantize", "calibrate", "freeze", "QuantInfo", "quant_layers", "frozen_quant_layers", "quant_embeddings", "DEFAULT_WEIGHTS"]
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,19 @@ class QuantInfo:
 def quant_layers(model: nn.Module) -> list[tuple[str, QuantLayer]]:
     """The quantized layers of ``model`` with their names, in module order."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLayer)]
+
+
+def frozen_quant_layers(q: nn.Module, verb: str) -> list[tuple[str, QuantLayer]]:
+    """:func:`quant_layers` of ``q``, checked to be frozen; ``verb`` names the caller in the errors."""
+    if not isinstance(q, nn.Module):
+        raise TypeError(f"q must be a torch.nn.Module, got {type(q).__name__}")
+    layers = quant_layers(q)
+    if not layers:
+        raise ValueError("q has no quantized layer: run lb.quantize, lb.calibrate and lb.freeze first")
+    unfrozen = [n for n, layer in layers if not layer.frozen]
+    if unfrozen:
+        raise ValueError(f"layers {unfrozen[:5]} are not frozen: call lb.freeze(q) before {verb}")
+    return layers
 
 
 def quant_embeddings(model: nn.Module) -> list[tuple[str, QuantEmbedding]]:

@@ -27,7 +27,7 @@ from torch import nn
 from ..modules import QuantLayer
 from ..modules.tree import set_module
 from ..ops.integer_math import REQUANT_ROUNDING
-from ..quantize import quant_layers
+from ..quantize import frozen_quant_layers, quant_layers
 from ..spec import PerTensor
 from .layer import IntegerLayer, from_quant_layer, unsupported_reason
 
@@ -127,16 +127,9 @@ def to_integer(q: nn.Module, *, requantize: bool = True, rounding: str = "half_e
 
     The copy is in eval mode; ``q`` is untouched. Integer layers accept the same inputs as before.
     """
-    if not isinstance(q, nn.Module):
-        raise TypeError(f"q must be a torch.nn.Module, got {type(q).__name__}")
+    layers = frozen_quant_layers(q, "to_integer")
     if rounding not in REQUANT_ROUNDING:
         raise ValueError(f"rounding must be one of {REQUANT_ROUNDING}, got {rounding!r}")
-    layers = quant_layers(q)
-    if not layers:
-        raise ValueError("q has no quantized layer: run lb.quantize, lb.calibrate and lb.freeze first")
-    unfrozen = [n for n, layer in layers if not layer.frozen]
-    if unfrozen:
-        raise ValueError(f"layers {unfrozen[:5]} are not frozen: call lb.freeze(q) before to_integer")
     model = copy.deepcopy(q).eval()
     info = IntegerInfo()
     for name, layer in quant_layers(model):

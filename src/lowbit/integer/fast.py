@@ -37,7 +37,7 @@ from ..modules import QuantConv1d, QuantConv2d, QuantLayer, QuantLinear
 from ..modules.tree import set_module
 from ..ops.integer_math import int_matmul
 from ..ops.qparams import range_to_qparams
-from ..quantize import quant_layers
+from ..quantize import frozen_quant_layers, quant_layers
 from ..spec import PerChannel, PerTensor, PerToken
 
 __all__ = ["fast", "FastLinear", "DequantizedLayer", "fast_reason", "BACKENDS"]
@@ -161,16 +161,9 @@ def fast(q: nn.Module, *, backend: str = "auto", example_inputs=None, threads: i
     The copy gives the frozen model's outputs up to float32 rounding and is in eval mode; ``q`` is
     untouched. ``model.lowbit_fast`` lists ``{"int8": [...], "float": {layer: why}}``.
     """
-    if not isinstance(q, nn.Module):
-        raise TypeError(f"q must be a torch.nn.Module, got {type(q).__name__}")
+    layers = frozen_quant_layers(q, "fast()")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    layers = quant_layers(q)
-    if not layers:
-        raise ValueError("q has no quantized layer: run lb.quantize, lb.calibrate and lb.freeze first")
-    unfrozen = [n for n, layer in layers if not layer.frozen]
-    if unfrozen:
-        raise ValueError(f"layers {unfrozen[:5]} are not frozen: call lb.freeze(q) before fast()")
     if backend == "auto":
         backend = "ort" if example_inputs is not None and _has_ort() else "torch"
     if backend == "ort":

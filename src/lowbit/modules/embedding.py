@@ -24,6 +24,7 @@ from torch import nn
 from ..ops import packing
 from ..qtensor import QTensor
 from ..spec import PerChannel, PerGroup, PerTensor, QuantSpec
+from .layer import cached_dequantized_weight
 from .quantizer import WeightQuantizer
 
 __all__ = ["QuantEmbedding", "check_embedding_spec"]
@@ -86,12 +87,7 @@ class QuantEmbedding(nn.Module):
     def quantized_weight(self) -> torch.Tensor:
         """The whole table as the forward sees it: fake-quantized (or dequantized, once frozen)."""
         if self.frozen:
-            key = tuple((t.data_ptr(), t._version) for t in (self.weight_codes, self.weight_scale, self.weight_zero_point))
-            cached = self.__dict__.get("_dq_cache")
-            if cached is None or cached[0] != key:
-                cached = (key, self.qweight.dequantize().reshape(self._weight_shape))
-                self.__dict__["_dq_cache"] = cached
-            return cached[1]
+            return cached_dequantized_weight(self)
         return self.weight_quant(self.weight)
 
     @property

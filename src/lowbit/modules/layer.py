@@ -19,7 +19,21 @@ from ..qtensor import QTensor
 from ..spec import QuantSpec
 from .quantizer import ActQuantizer, WeightQuantizer
 
-__all__ = ["QuantLayer"]
+__all__ = ["QuantLayer", "cached_dequantized_weight"]
+
+
+def cached_dequantized_weight(module: nn.Module) -> torch.Tensor:
+    """``module.qweight.dequantize()`` in the float weight's shape, computed once per stored weight.
+
+    For a frozen :class:`QuantLayer` or :class:`~lowbit.modules.QuantEmbedding`: the codes only
+    change by loading or re-freezing, which the buffers' ``data_ptr``/``_version`` key detects.
+    """
+    key = tuple((t.data_ptr(), t._version) for t in (module.weight_codes, module.weight_scale, module.weight_zero_point))
+    cached = module.__dict__.get("_dq_cache")
+    if cached is None or cached[0] != key:
+        cached = (key, module.qweight.dequantize().reshape(module._weight_shape))
+        module.__dict__["_dq_cache"] = cached
+    return cached[1]
 
 
 class QuantLayer(nn.Module):
@@ -51,13 +65,7 @@ class QuantLayer(nn.Module):
     def quantized_weight(self) -> torch.Tensor:
         """The weight as the forward sees it: fake-quantized (or dequantized, once frozen)."""
         if self.frozen:
-            # dequantized once per stored weight (the codes only change by loading or re-freezing)
-            key = tuple((t.data_ptr(), t._version) for t in (self.weight_codes, self.weight_scale, self.weight_zero_point))
-            cached = self.__dict__.get("_dq_cache")
-            if cached is None or cached[0] != key:
-                cached = (key, self.qweight.dequantize().reshape(self._weight_shape))
-                self.__dict__["_dq_cache"] = cached
-            return cached[1]
+            return cached_dequantized_weight(self)
         return self.weight_quant(self.weight)
 
     @property

@@ -51,7 +51,7 @@ from ..spec import PerToken, QuantSpec
 from .dataflow import trace_linear_inputs
 from .pipeline import register_transform
 from ..modules.tree import set_module
-from .smooth_quant import SmoothedLinear, _patterns
+from .smooth_quant import SmoothedLinear, _patterns, fold_into_norm
 
 __all__ = ["awq", "awq_factors", "layer_error", "AWQInfo", "AWQLayer"]
 
@@ -232,23 +232,13 @@ def awq(model: nn.Module, batches: Iterable, weights: QuantSpec, *, grid: int = 
         selected.append(name)
 
     # 1. one shared factor, folded into a norm whose output only the selected linear layers read
-    readers: dict[str, list[str]] = {}
-    for name, rec in flow.linears.items():
-        for p in rec.producers:
-            if p is not None:
-                readers.setdefault(p, []).append(name)
+    readers = flow.readers()
     folded: set[str] = set()
     for norm_name, group in readers.items():
         if not flow.foldable(norm_name, group) or not all(n in selected for n in group):
             continue
         alpha, s, rtn, err = _search([modules[n].weight for n in group], stats[group[0]], spec, observer, options, grid)
-        norm = modules[norm_name]
-        with torch.no_grad():
-            norm.weight.div_(s.to(norm.weight))
-            if getattr(norm, "bias", None) is not None:
-                norm.bias.div_(s.to(norm.bias))
-            for n in group:
-                modules[n].weight.mul_(s.to(modules[n].weight))
+        fold_into_norm(modules[norm_name], s, [modules[n] for n in group])
         for n in group:
             info.layers[n] = AWQLayer(f"folded into {norm_name}", alpha, rtn, err)
             folded.add(n)

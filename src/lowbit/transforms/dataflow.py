@@ -57,6 +57,15 @@ class Dataflow:
     linears: dict[str, LinearInput] = field(default_factory=dict)
     other_readers: dict[str, set] = field(default_factory=dict)   # norm name -> names of non-linear readers
 
+    def readers(self) -> dict[str, list[str]]:
+        """Norm name -> the linear layers that read its output, in tracing order."""
+        out: dict[str, list[str]] = {}
+        for name, rec in self.linears.items():
+            for p in rec.producers:
+                if p is not None:
+                    out.setdefault(p, []).append(name)
+        return out
+
     def foldable(self, norm: str, group: list[str]) -> bool:
         """True if ``norm``'s output is read only by the linear layers in ``group``, and they read only it."""
         return (not self.other_readers.get(norm)

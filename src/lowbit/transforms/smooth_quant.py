@@ -164,6 +164,19 @@ def _patterns(arg: str, pats, names: list[str]) -> list[str] | None:
     return pats
 
 
+@torch.no_grad()
+def fold_into_norm(norm: nn.Module, s: torch.Tensor, linears: list[nn.Module]) -> None:
+    """In place: ``norm``'s affine output divided by ``s`` per channel, each reader's weight columns times ``s``.
+
+    The composition is unchanged: ``W diag(s) (y / s) = W y`` for the norm output ``y``.
+    """
+    norm.weight.div_(s.to(norm.weight))
+    if getattr(norm, "bias", None) is not None:
+        norm.bias.div_(s.to(norm.bias))
+    for lin in linears:
+        lin.weight.mul_(s.to(lin.weight))
+
+
 def smooth_quant(model: nn.Module, batches: Iterable, alpha: float = 0.5, *, explicit: bool = True,
                  include: Sequence[str] | str | None = None,
                  exclude: Sequence[str] | str | None = None) -> nn.Module:
@@ -212,11 +225,7 @@ def smooth_quant(model: nn.Module, batches: Iterable, alpha: float = 0.5, *, exp
     modules = dict(out.named_modules())
 
     # 1. fold into norms whose output only the selected linear layers read
-    readers: dict[str, list[str]] = {}
-    for name, rec in flow.linears.items():
-        for p in rec.producers:
-            if p is not None:
-                readers.setdefault(p, []).append(name)
+    readers = flow.readers()
     folded: set[str] = set()
     for norm_name, group in readers.items():
         if not flow.foldable(norm_name, group) or not all(n in selected for n in group):
@@ -224,13 +233,7 @@ def smooth_quant(model: nn.Module, batches: Iterable, alpha: float = 0.5, *, exp
         act = flow.linears[group[0]].channel_max
         wmax = torch.stack([_column_max(modules[n].weight) for n in group]).amax(0)
         s = smoothing_factors(act, wmax, alpha)
-        norm = modules[norm_name]
-        with torch.no_grad():
-            norm.weight.div_(s.to(norm.weight))
-            if getattr(norm, "bias", None) is not None:
-                norm.bias.div_(s.to(norm.bias))
-            for n in group:
-                modules[n].weight.mul_(s.to(modules[n].weight))
+        fold_into_norm(modules[norm_name], s, [modules[n] for n in group])
         for n in group:
             info.layers[n] = SmoothedLayer(f"folded into {norm_name}", outlier_ratio(act), outlier_ratio(act / s))
             folded.add(n)
