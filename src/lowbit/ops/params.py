@@ -33,7 +33,8 @@ def to_rows(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
         return x.movedim(axis, 0).reshape(x.shape[axis], -1)
     if isinstance(g, PerToken):
         return x.reshape(-1, x.shape[-1])
-    assert isinstance(g, PerGroup)
+    if not isinstance(g, PerGroup):
+        raise TypeError(f"spec.granularity must be PerTensor, PerChannel, PerToken or PerGroup, got {type(g).__name__}")
     axis = _normalize_axis(g.axis, x.dim(), "PerGroup")
     moved = x.movedim(axis, -1)
     n = moved.shape[-1]
@@ -117,7 +118,8 @@ def broadcast_param(p: torch.Tensor, x_shape: torch.Size, spec: QuantSpec) -> to
         return p.reshape(view)
     if isinstance(g, PerToken):
         return p
-    assert isinstance(g, PerGroup)
+    if not isinstance(g, PerGroup):
+        raise TypeError(f"spec.granularity must be PerTensor, PerChannel, PerToken or PerGroup, got {type(g).__name__}")
     axis = _normalize_axis(g.axis, ndim, "PerGroup")
     expanded = p.repeat_interleave(g.size, dim=axis)
     n = x_shape[axis]
