@@ -189,3 +189,64 @@ def test_uncalibrated_quantizer_and_dtype_mismatch(tmp_path):
     assert torch.equal(q2(x), q(x)) and q2.lowbit_info.uncalibrated == ["unused.input_quant"]
     with pytest.raises(ValueError, match=r"dtype mismatches.*used.bias: checkpoint float32, model_like float64"):
         lb.load(tmp_path / "b.safetensors", Branchy().double())
+
+
+class _PostLN(nn.Module):
+    """BERT style: the LayerNorm output is also the residual, so smoothing factors stay explicit."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        torch.manual_seed(3)
+        self.ln, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.v, self.o = nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, x):
+        h = self.ln(x)
+        return self.ln2(h + self.o(self.v(h)))
+
+
+def _outlier_tokens(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    xs = [torch.randn(8, 6, 16, generator=g) for _ in range(3)]
+    for x in xs:
+        x[..., 5] *= 30.0
+    return xs
+
+
+@pytest.mark.parametrize("transform", ["smooth_quant", "awq"])
+def test_explicit_smoothing_factors_are_rebuilt_on_the_plain_float_model(tmp_path, transform):
+    model, xs = _PostLN().eval(), _outlier_tokens()
+    if transform == "smooth_quant":
+        smoothed = lb.transforms.smooth_quant(model, xs, alpha=0.8)
+    else:
+        smoothed = lb.transforms.awq(model, xs, W4ASYM)
+    wrapped = [n for n, m in smoothed.named_modules() if isinstance(m, lb.transforms.SmoothedLinear)]
+    assert wrapped   # post-LN: the factors cannot fold, so the file must carry the wrappers
+    q = lb.quantize(smoothed, weights=W8, activations=A8)
+    with lb.calibrate(q):
+        for x in xs:
+            q(x)
+    lb.freeze(q)
+    path = lb.save(q, tmp_path / "s.safetensors")
+    before = copy.deepcopy(model.state_dict())
+    got = lb.load(path, model)                      # the plain model: no wrappers, original weights
+    assert all(type(model.get_submodule(n)) is nn.Linear for n in wrapped)   # model_like is untouched
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+    with torch.no_grad():
+        for x in _outlier_tokens(seed=1):
+            assert torch.equal(got(x), q(x))
+    again = lb.load(path, smoothed)                  # the smoothed structure still loads as before
+    with torch.no_grad():
+        assert torch.equal(again(xs[0]), q(xs[0]))
+
+
+def test_a_smoothed_layer_that_is_not_linear_in_model_like_is_named(tmp_path):
+    model, xs = _PostLN().eval(), _outlier_tokens()
+    q = lb.quantize(lb.transforms.smooth_quant(model, xs, alpha=0.8), weights=W8)
+    lb.freeze(q)
+    path = lb.save(q, tmp_path / "s.safetensors")
+    other = _PostLN().eval()
+    other.v = nn.Identity()
+    with pytest.raises(ValueError, match="'v' should be an nn.Linear"):
+        lb.load(path, other)

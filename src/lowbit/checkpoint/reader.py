@@ -1,6 +1,7 @@
 """``lb.load``: rebuild a saved quantized model on a float model of the same architecture."""
 from __future__ import annotations
 
+import copy
 import glob
 import os
 from pathlib import Path
@@ -13,7 +14,9 @@ from torch import nn
 from ..modules import ActQuantizer, QuantEmbedding, QuantLayer, WeightQuantizer
 from ..ops import packing
 from ..qtensor import QTensor
+from ..modules.tree import set_module
 from ..quantize import QuantInfo, quant_embeddings, quant_layers, quantize
+from ..transforms.smooth_quant import SmoothedLinear
 from .fileformat import dtype_name, read_quant_map, spec_from_dict
 
 __all__ = ["load"]
@@ -36,6 +39,25 @@ def _check_architecture(qmap: dict, model_like: nn.Module) -> None:
         if shape != entry["weight_shape"]:
             raise ValueError(f"model_like does not fit the checkpoint: {name}.weight has shape {shape}, the checkpoint's "
                              f"has {entry['weight_shape']}{hint}")
+
+
+def _with_smoothing(qmap: dict, model_like: nn.Module) -> nn.Module:
+    """``model_like``, or a copy with the checkpoint's explicit smoothing factors wrapped around its
+    linear layers (:class:`~lowbit.transforms.SmoothedLinear`; the factors come from the file)."""
+    modules = dict(model_like.named_modules())
+    missing = [n for n in qmap.get("smoothed", []) if not isinstance(modules.get(n), SmoothedLinear)]
+    if not missing:
+        return model_like
+    for name in missing:
+        m = modules.get(name)
+        if not isinstance(m, nn.Linear):
+            raise ValueError(f"model_like does not fit the checkpoint: module {name!r} should be an nn.Linear "
+                             f"(the checkpoint smooths its input), got {type(m).__name__ if m is not None else 'nothing'}")
+    model_like = copy.deepcopy(model_like)
+    for name in missing:
+        linear = model_like.get_submodule(name)
+        set_module(model_like, name, SmoothedLinear(linear, torch.ones(linear.in_features, device=linear.weight.device)))
+    return model_like
 
 
 def _restore_tensors(qmap: dict, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -145,6 +167,7 @@ def load(path: str | os.PathLike, model_like: nn.Module) -> nn.Module:
         specs = [spec_from_dict(d) for d in qmap["specs"]]
     except (KeyError, TypeError) as e:
         raise ValueError(f"{str(path)!r}: the quantization map has a malformed spec table ({e!r})") from e
+    model_like = _with_smoothing(qmap, model_like)
     _check_architecture(qmap, model_like)
     tensors = _restore_tensors(qmap, raw)
     hint = ""

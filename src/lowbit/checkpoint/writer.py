@@ -13,6 +13,7 @@ from torch import nn
 from ..modules import ActQuantizer, QuantEmbedding, QuantLayer, WeightQuantizer
 from ..quantize import QuantInfo, quant_embeddings, quant_layers
 from ..spec import QuantSpec
+from ..transforms.smooth_quant import SmoothedLinear
 from .atomic import atomic_write
 from .compact import compact
 from .fileformat import FORMAT_VERSION, META_KEY, dtype_name, spec_to_dict
@@ -145,6 +146,9 @@ def save(q: nn.Module, path: str | os.PathLike) -> Path:
         "embeddings": {name: _embedding_entry(t, table) for name, t in tables},
         **extra,
     }
+    smoothed = [n for n, m in q.named_modules() if isinstance(m, SmoothedLinear)]
+    if smoothed:   # explicit SmoothQuant/AWQ factors: lb.load re-creates these wrappers on a plain model
+        qmap["smoothed"] = smoothed
     if tables and info is not None and info.embeddings is not None:
         qmap["info"]["embeddings"] = table.ref(info.embeddings)
     qmap["specs"] = [spec_to_dict(spec) for spec in table.specs]
