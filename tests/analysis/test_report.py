@@ -39,6 +39,15 @@ def test_analyze_a_classifier(rescnn, quantized, tmp_path):
         assert needle not in html                 # self-contained: nothing is fetched, nothing runs
     assert "c2" in html and "clip vs round" in html
 
+    text = str(r)                                     # the printable summary reads the same numbers
+    assert f"accuracy {mm['accuracy_float']:.2%} -> {mm['accuracy_quant']:.2%}" in text
+    assert f"KL(float || quantized) {mm['kl']:.3g}" in text
+    rows = {line.split()[0]: line.split() for line in text.splitlines()[-3:]}
+    assert set(rows) == {"c1", "c2", "fc"}
+    for row in r.layers:
+        assert rows[row["layer"]][-1] == str(row["rank"]) and rows[row["layer"]][1] == "4"
+    assert "print()" in repr(r) and len(repr(r)) < 200
+
 
 class _Embed(nn.Module):
     def __init__(self):

@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 MAX_SCATTER = 500
 
 
-@dataclass
+@dataclass(repr=False)
 class Report:
     """The result of :func:`analyze`.
 
@@ -94,9 +94,56 @@ class Report:
 
     def table(self) -> list[dict[str, Any]]:
         """The per-layer table with a few columns, for printing."""
-        keys = ("layer", "bits", "weights", "weight_sqnr_db", "weight_clip_share", "input_sqnr_db",
-                "input_clip_share", "sensitivity", "rank")
-        return [{k: r.get(k) for k in keys} for r in self.layers]
+        return [{k: r.get(k) for k in _TABLE_KEYS} for r in self.layers]
+
+    def summary(self) -> str:
+        """A plain-text summary: the model-level numbers, then :meth:`table` (also ``str(report)``)."""
+        m = self.model
+        lines = [f"lowbit report: {m.get('layers', len(self.layers))} quantized layers, "
+                 f"{m.get('weights', 0):,} weights, {m.get('samples', 0):,} samples, metric {m.get('metric')}"]
+        if m.get("accuracy_float") is not None:
+            lines.append(f"accuracy {m['accuracy_float']:.2%} -> {m['accuracy_quant']:.2%} "
+                         f"(top-1 agreement {m['agreement']:.2%})")
+        if m.get("kl") is not None:
+            line = f"KL(float || quantized) {m['kl']:.3g}"
+            if m.get("kl_predicted") is not None:
+                line += f", predicted 1/2 Var_p[dz] {m['kl_predicted']:.3g} ({_fmt(m.get('kl_relative_error'), '.1%')} off)"
+            lines.append(line)
+        elif m.get("divergence") is not None:
+            lines.append(f"divergence ({m.get('metric')}) {m['divergence']:.3g}")
+        if m.get("certified_fraction") is not None:
+            lines.append(f"certified unchanged: {m['certified_fraction']:.1%} under worst-case rounding, "
+                         f"{_fmt(m.get('certified_fraction_exact_rounding'), '.1%')} under this model's rounding")
+        if m.get("bits_per_weight") is not None:
+            lines.append(f"description length: {m['bits_per_weight']:.2f} bits per weight entropy-coded "
+                         f"(stored {_fmt(m.get('stored_bits_per_weight'), '.2f')})")
+        rows = [[_fmt(r.get(k), f) for k, f in zip(_TABLE_KEYS, _TABLE_FORMATS)] for r in self.layers]
+        widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(_TABLE_HEADS)]
+        lines.append("")
+        lines.append("  ".join(h.ljust(w) for h, w in zip(_TABLE_HEADS, widths)).rstrip())
+        lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+    __str__ = summary
+
+    def __repr__(self) -> str:
+        m = self.model
+        return (f"Report(layers={len(self.layers)}, metric={m.get('metric')!r}, "
+                f"divergence={_fmt(m.get('divergence'), '.3g')}; print() it for the summary)")
+
+
+_TABLE_KEYS = ("layer", "bits", "weights", "weight_sqnr_db", "weight_clip_share", "input_sqnr_db",
+               "input_clip_share", "sensitivity", "rank")
+_TABLE_HEADS = ("layer", "bits", "weights", "w SQNR dB", "w clip share", "in SQNR dB", "in clip share",
+                "sensitivity", "rank")
+_TABLE_FORMATS = ("", "", ",", ".1f", ".2f", ".1f", ".2f", ".3g", "")
+
+
+def _fmt(v: Any, spec: str) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "-"
+    return format(v, spec)
 
 
 def _clean(v: Any) -> Any:
