@@ -79,6 +79,7 @@ def _unchanged(user):
     ("state dict missing", ["--model", "usermodels:mlp", "--recipe", "w4g128"], "--state-dict is required"),
     ("state dict file missing", ["--model", "usermodels:mlp", "--state-dict", "NOFILE"], "no file"),
     ("unknown recipe", ["--model", "digits", "--recipe", "w9a9"], "recipe must be one of"),
+    ("unknown model", ["--model", "resnet", "--recipe", "w8a8"], "'digits', 'mnist1d', 'minilm'"),
     ("state dict for a built-in", ["--model", "digits", "--state-dict", "SD"], "--state-dict is for user models"),
     ("out is an input", ["--model", "usermodels:mlp", "--state-dict", "SD", "--recipe", "w4g128", "--out", "SD"],
      "is an input of this run"),

@@ -71,6 +71,9 @@ def _dispatch(args: argparse.Namespace, recipe) -> dict:
 def _builtin(args: argparse.Namespace, recipe) -> dict:
     from .. import demo
 
+    if args.model not in demo.BUILTIN_MODELS:
+        raise ValueError(f"--model must be one of {sorted(demo.BUILTIN_MODELS) + [_minilm.NAME]}, or "
+                         f"package.module:factory with --state-dict; got {args.model!r}")
     entry = demo.builtin(args.model)
     for flag in ("state_dict", "test"):
         if getattr(args, flag):
