@@ -121,3 +121,24 @@ def test_replaying_the_float_prefix_changes_no_output(which, rescnn, digits, qua
         fast.quantize_only(name)
         slow.quantize_only(name)
         assert torch.equal(fast.outputs(batches), slow.outputs(batches))
+
+
+def test_after_gptq_the_float_reference_is_the_float_models_weight(mlp, digits):
+    """GPTQ rewrites q's master weights onto the grid; analysis must still compare with float_model."""
+    from lowbit.analysis.probe import weight_pairs
+
+    x = digits[0][:256]
+    spec = lb.QuantSpec(bits=4, granularity=lb.PerChannel(0))
+    q = lb.quantize(mlp, weights=spec)
+    lb.gptq(q, [x[:128], x[128:]])
+    for name, (wf, wq) in weight_pairs(mlp, q).items():
+        assert torch.equal(wf, mlp.get_submodule(name).weight)
+        assert not torch.equal(wf, wq)
+    s = layer_sensitivity(mlp, q, [digits[2]])
+    for name in ("1", "3", "5"):   # oracle: this layer's GPTQ weights in the float model, the rest float
+        only = __import__("copy").deepcopy(mlp)
+        with torch.no_grad():
+            only.get_submodule(name).weight.copy_(q.get_submodule(name).quantized_weight())
+            want = float(kl(mlp(digits[2]), only(digits[2])).mean())
+        assert s.layers[name] == pytest.approx(want, rel=1e-5, abs=1e-12)
+    assert s.all_layers > max(s.layers.values())

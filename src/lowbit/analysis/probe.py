@@ -51,25 +51,39 @@ def weight_pairs(float_model: nn.Module, q: nn.Module) -> dict[str, tuple[torch.
     The float weight is the one the quantized layer started from (BatchNorm folded in, if
     ``lb.quantize`` folded it); the quantized weight is what the layer's forward uses
     (fake-quantized, or dequantized once frozen). Both have the layer's weight shape, detached.
+
+    Where the layer's master weight no longer is the float weight (frozen; or a pinned grid:
+    GPTQ rewrote the master weight onto the grid, QAT trained it), the float weight is taken from
+    ``float_model``; a frozen layer without a matching weight there is an error, a pinned one
+    falls back to its master weight (e.g. a SmoothQuant copy, whose layers ``float_model`` lacks).
     """
     layers = _check_models(float_model, q)
     out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    frozen = [name for name, layer in layers if layer.frozen]
-    ref = _folded_reference(float_model, q) if frozen else None
+    ref = None
+    if any(layer.frozen or layer.weight_quant.fixed for _, layer in layers):
+        try:
+            ref = _folded_reference(float_model, q)
+        except ValueError:
+            if any(layer.frozen for _, layer in layers):
+                raise
     with torch.no_grad():
         for name, layer in layers:
             wq = layer.quantized_weight().detach()
-            if layer.frozen:
+            wf = None
+            if layer.frozen or layer.weight_quant.fixed:
                 try:
-                    src = ref.get_submodule(name)
+                    src = ref.get_submodule(name) if ref is not None else None
                 except AttributeError:
                     src = None
                 wf = getattr(src, "weight", None)
                 if not isinstance(wf, torch.Tensor) or tuple(wf.shape) != tuple(wq.shape):
-                    raise ValueError(f"layer {name!r} of q is frozen and float_model has no matching weight "
-                                     "there; pass the float model q was made from")
-                wf = wf.detach().to(wq.device)
-            else:
+                    if layer.frozen:
+                        raise ValueError(f"layer {name!r} of q is frozen and float_model has no matching weight "
+                                         "there; pass the float model q was made from")
+                    wf = None
+                else:
+                    wf = wf.detach().to(wq.device)
+            if wf is None:
                 wf = layer.weight.detach()
             out[name] = (wf, wq)
     return out

@@ -141,8 +141,10 @@ _TABLE_FORMATS = ("", "", ",", ".1f", ".2f", ".1f", ".2f", ".3g", "")
 
 
 def _fmt(v: Any, spec: str) -> str:
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+    if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
+    if isinstance(v, float) and abs(v) >= 1e9:   # infinite (JSON keeps such values as +-1e9)
+        return "inf" if v > 0 else "-inf"
     return format(v, spec)
 
 
