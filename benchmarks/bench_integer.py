@@ -1,7 +1,13 @@
-"""Integer execution: which exact GEMM is fastest on this CPU, and how the integer path agrees with
-the fake-quantized model on real data (scikit-learn digits, a small CNN trained here in seconds).
+"""Integer execution: which exact GEMM is fastest on this CPU, how the integer path agrees with
+the fake-quantized model on real data (scikit-learn digits, a small CNN trained here in seconds),
+and how fast the built-in CNNs run quantized, beside torch's own int8.
 
-    python benchmarks/bench_integer.py [--quick]
+    python benchmarks/bench_integer.py [--quick] [--threads 1]
+
+The speed table runs the ``lowbit.zoo`` CNNs on their whole test split with ``--threads`` threads:
+float torch; torch int8 (``torch.ao`` FX ``prepare_fx``/``convert_fx``, x86 qconfig, fbgemm kernels);
+lowbit ``w8a8`` frozen (fake-quantized torch, the reference) and ``lowbit.integer.fast`` (ONNX
+Runtime: QLinearConv / MatMulInteger). Candidates run round-robin after warm-up; median of the rounds.
 """
 from __future__ import annotations
 
@@ -98,11 +104,59 @@ def agreement_table(epochs, reps):
                   f"{len(qi.lowbit_integer.requantized)} | {t_float:.1f} | {t_fake:.1f} | {t_int:.1f} |")
 
 
+def speed_table(rounds: int, threads: int) -> None:
+    import copy
+    import statistics
+    import warnings
+
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    from lowbit import recipes, zoo
+    from lowbit.integer import fast
+
+    torch.set_num_threads(threads)
+    print(f"## Built-in CNNs, whole test split, {threads} thread(s), ms per call (median of {rounds} round-robin rounds)")
+    print("| model | float torch | torch int8 (FX, x86) | lowbit w8a8 frozen | lowbit w8a8 fast (ORT) "
+          "| float / torch int8 | float / lowbit fast | same top-1, fast vs frozen |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in ("digits", "mnist1d"):
+        model, data = zoo.get(name)
+        x, calib = data.x_test, zoo.calibration_batches(data)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            prepared = prepare_fx(copy.deepcopy(model), get_default_qconfig_mapping("x86"), (calib[0],))
+            with torch.no_grad():
+                for b in calib:
+                    prepared(b)
+            torch_int8 = convert_fx(prepared)
+        q = recipes.get("w8a8").apply(model, calib)
+        fq = fast(q, example_inputs=x[:64], threads=threads)
+        runs = {"float": model, "torch": torch_int8, "frozen": q, "fast": fq}
+        times: dict[str, list[float]] = {k: [] for k in runs}
+        with torch.no_grad():
+            for m in runs.values():
+                for _ in range(5):
+                    m(x)
+            for _ in range(rounds):
+                for k, m in runs.items():
+                    t = time.perf_counter()
+                    m(x)
+                    times[k].append((time.perf_counter() - t) * 1e3)
+            same = float((fq(x).argmax(1) == q(x).argmax(1)).double().mean()) * 100
+        med = {k: statistics.median(v) for k, v in times.items()}
+        print(f"| {name} ({len(x)} inputs) | {med['float']:.2f} | {med['torch']:.2f} | {med['frozen']:.2f} | "
+              f"{med['fast']:.2f} | {med['float'] / med['torch']:.2f}x | {med['float'] / med['fast']:.2f}x | {same:.1f}% |")
+    print()
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(2)
     reps = 3 if args.quick else 10
     gemm_table(reps)
     agreement_table(4 if args.quick else 12, reps)
+    speed_table(5 if args.quick else 21, args.threads)
