@@ -142,3 +142,43 @@ def test_after_gptq_the_float_reference_is_the_float_models_weight(mlp, digits):
             want = float(kl(mlp(digits[2]), only(digits[2])).mean())
         assert s.layers[name] == pytest.approx(want, rel=1e-5, abs=1e-12)
     assert s.all_layers > max(s.layers.values())
+
+
+class _Blocks(nn.Module):
+    """A pre-LN branch (q/k read only the norm: SmoothQuant folds) and a post-LN one (explicit)."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        torch.manual_seed(2)
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.q, self.k, self.o = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, x):
+        h = self.ln1(x)
+        x = x + self.q(h) * torch.sigmoid(self.k(h))
+        y = self.ln2(x)
+        return y + self.o(y)        # the norm output is also the residual: o's factor stays explicit
+
+
+@pytest.mark.parametrize("transform", ["smooth_quant", "awq"])
+def test_a_frozen_smoothed_model_is_analysed_against_the_original_float_model(transform):
+    from lowbit.analysis.probe import weight_pairs
+
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(8, 5, 16, generator=g) * torch.linspace(0.5, 20, 16) for _ in range(3)]
+    model = _Blocks().eval()
+    spec = lb.QuantSpec(bits=8, granularity=lb.PerChannel(0))
+    if transform == "smooth_quant":
+        smoothed = lb.transforms.smooth_quant(model, xs, alpha=0.8)
+        info = smoothed.lowbit_smoothing
+    else:
+        smoothed = lb.transforms.awq(model, xs, lb.QuantSpec(bits=4, symmetric=False, granularity=lb.PerChannel(0)))
+        info = smoothed.lowbit_awq
+    assert info.layers["q"].how == "folded into ln1" and info.layers["o"].how == "explicit"
+    q = lb.freeze(lb.quantize(smoothed, weights=spec))
+    pairs = weight_pairs(model, q)              # the original model: no factors, no wrappers
+    assert set(pairs) == {"q", "k", "o.linear"}
+    for name, (wf, _) in pairs.items():         # oracle: the transformed float model's own weights
+        torch.testing.assert_close(wf, smoothed.get_submodule(name).weight.detach(), rtol=1e-5, atol=1e-6)
+    s = layer_sensitivity(model, q, xs, metric="mse")
+    assert all(v >= 0 for v in s.layers.values()) and s.all_layers > 0

@@ -35,3 +35,16 @@ def test_human_readable_output(tmp_path, capsys):
     assert main(["analyze", "--model", "digits", "--samples", "60", "--out", str(tmp_path), "--quiet"]) == 0
     text = capsys.readouterr().out
     assert "KL" in text and "certified" in text and "features.0.0" in text and "report.html" in text
+
+
+def test_minilm_is_analysed_with_the_transformer_recipe_lowbit_quantize_uses(tmp_path, capsys):
+    pytest.importorskip("sentence_transformers")
+    from lowbit import recipes
+
+    rc = main(["analyze", "--model", "minilm", "--recipe", "w8a8", "--samples", "16", "--out", str(tmp_path), "--json"])
+    assert rc == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["resolved_recipe"] == recipes.get("w8a8", family="transformer").name == "w8a8-smooth"
+    layers = [r["layer"] for r in result["results"]]
+    assert len(layers) == 37 and all(name.endswith(".linear") for name in layers)   # SmoothQuant's explicit factors
+    assert result["summary"]["metric"] == "cosine" and 0 < result["summary"]["divergence"] < 0.01

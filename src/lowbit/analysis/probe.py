@@ -26,6 +26,7 @@ from .. import ops
 from ..modules import QuantLayer, WeightQuantizer
 from ..quantize import quant_layers
 from ..transforms.fold_bn import fold_batchnorm
+from ..transforms.smooth_quant import SmoothedLinear
 from .batches import output_tensor, run_batch
 
 __all__ = ["weight_pairs", "weight_at_bits", "Probe"]
@@ -54,8 +55,8 @@ def weight_pairs(float_model: nn.Module, q: nn.Module) -> dict[str, tuple[torch.
 
     Where the layer's master weight no longer is the float weight (frozen; or a pinned grid:
     GPTQ rewrote the master weight onto the grid, QAT trained it), the float weight is taken from
-    ``float_model``; a frozen layer without a matching weight there is an error, a pinned one
-    falls back to its master weight (e.g. a SmoothQuant copy, whose layers ``float_model`` lacks).
+    ``float_model`` (with SmoothQuant/AWQ factors applied, see :func:`_reference_weight`); a frozen
+    layer without a matching weight there is an error, a pinned one falls back to its master weight.
     """
     layers = _check_models(float_model, q)
     out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -71,22 +72,46 @@ def weight_pairs(float_model: nn.Module, q: nn.Module) -> dict[str, tuple[torch.
             wq = layer.quantized_weight().detach()
             wf = None
             if layer.frozen or layer.weight_quant.fixed:
-                try:
-                    src = ref.get_submodule(name) if ref is not None else None
-                except AttributeError:
-                    src = None
-                wf = getattr(src, "weight", None)
-                if not isinstance(wf, torch.Tensor) or tuple(wf.shape) != tuple(wq.shape):
-                    if layer.frozen:
-                        raise ValueError(f"layer {name!r} of q is frozen and float_model has no matching weight "
-                                         "there; pass the float model q was made from")
-                    wf = None
-                else:
-                    wf = wf.detach().to(wq.device)
+                wf = _reference_weight(ref, q, name, tuple(wq.shape)) if ref is not None else None
+                if wf is None and layer.frozen:
+                    raise ValueError(f"layer {name!r} of q is frozen and float_model has no matching weight "
+                                     "there; pass the float model q was made from (or analyze before lb.freeze)")
+                wf = None if wf is None else wf.detach().to(wq.device)
             if wf is None:
                 wf = layer.weight.detach()
             out[name] = (wf, wq)
     return out
+
+
+def _reference_weight(ref: nn.Module, q: nn.Module, name: str, shape: tuple) -> torch.Tensor | None:
+    """The float weight of ``q``'s layer ``name`` in the float model ``ref`` (BatchNorm folded), or None.
+
+    SmoothQuant/AWQ (:mod:`lowbit.transforms`) quantize ``W diag(s)`` instead of ``W``: an explicit
+    factor sits in the :class:`~lowbit.transforms.SmoothedLinear` around the layer (``1/s``), a
+    folded one divided the norm that feeds it, so ``s = gamma_float / gamma_q``.
+    """
+    def weight_at(model: nn.Module, path: str):
+        try:
+            w = getattr(model.get_submodule(path), "weight", None)
+        except AttributeError:
+            return None
+        return w.detach() if isinstance(w, torch.Tensor) and tuple(w.shape) == shape else None
+
+    parent, _, leaf = name.rpartition(".")
+    if leaf == "linear" and isinstance(q.get_submodule(parent), SmoothedLinear):
+        w = weight_at(ref, parent)
+        factor = q.get_submodule(parent).smooth.factor.detach()        # 1 / s
+        return None if w is None else w / factor.to(w)
+    w = weight_at(ref, name)
+    if w is None:
+        return None
+    for info in (getattr(q, "lowbit_smoothing", None), getattr(q, "lowbit_awq", None)):
+        layer = None if info is None else info.layers.get(name)
+        if layer is not None and layer.how.startswith("folded into "):   # the norm holds every folded factor
+            norm = layer.how.removeprefix("folded into ")
+            gamma_f, gamma_q = ref.get_submodule(norm).weight.detach(), q.get_submodule(norm).weight.detach()
+            return w * (gamma_f / gamma_q).to(w)
+    return w
 
 
 def _folded_reference(float_model: nn.Module, q: nn.Module) -> nn.Module:

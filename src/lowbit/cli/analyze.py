@@ -36,15 +36,18 @@ def run(args: argparse.Namespace) -> dict:
     from .. import recipes, zoo
     from ..analysis import analyze
 
-    recipe = recipes.get(args.recipe)
     samples = args.samples or (64 if args.model == "minilm" else 1000)
     log.info("lowbit analyze: loading %s", args.model)
     if args.model == "minilm":
+        from ..transformer import calibration_batches
+
+        recipe = recipes.get(args.recipe, family="transformer")   # as `lowbit quantize --model minilm`
         model, sentences = zoo.get("minilm")
-        calib = [(b,) for b in zoo.tokenized_batches(model, sentences[:128], batch_size=32)]
+        calib = [(b,) for b in calibration_batches(model, sentences[:128])]   # unpadded
         batches = [(b,) for b in zoo.tokenized_batches(model, sentences[128:128 + samples], batch_size=32)]
         labels, metric = None, "cosine"
     else:
+        recipe = recipes.get(args.recipe)
         model, data = zoo.get(args.model)
         calib = zoo.calibration_batches(data)
         batches = list(data.x_test[:samples].split(256))
@@ -57,14 +60,18 @@ def run(args: argparse.Namespace) -> dict:
     report.to_html(args.out / "report.html")
     log.info("lowbit analyze: wrote %s and %s", args.out / "report.json", args.out / "report.html")
     summary = {k: v for k, v in report.model.items() if k != "quantization"}
-    return {"model": args.model, "recipe": args.recipe, "out": str(args.out), "summary": summary,
+    return {"model": args.model, "recipe": args.recipe, "resolved_recipe": recipe.name, "out": str(args.out),
+            "summary": summary,
             "mixed": None if report.mixed is None else {k: v for k, v in report.mixed.items() if k != "candidates"},
             "notes": report.notes, "results": report.table()}
 
 
 def render(result: dict) -> str:
     s = result["summary"]
-    head = f"{result['model']} with {result['recipe']}: {s['samples']} inputs, {s['layers']} quantized layers"
+    recipe = result["recipe"]
+    if result.get("resolved_recipe", recipe) != recipe:
+        recipe += f" -> {result['resolved_recipe']}"
+    head = f"{result['model']} with {recipe}: {s['samples']} inputs, {s['layers']} quantized layers"
     if "accuracy_float" in s:
         head += f", accuracy {100 * s['accuracy_float']:.2f}% -> {100 * s['accuracy_quant']:.2f}%"
     if "kl" in s:
