@@ -118,3 +118,21 @@ def test_a_layer_that_saw_no_data_stays_float_and_freezes():
     assert q.lowbit_info.uncalibrated == ["unused.input_quant"]
     lb.freeze(q)
     assert q.unused.frozen and not q.unused.input_quant.enabled
+
+
+def test_torch_transformer_encoder_layers_run_their_quantized_linears():
+    """In eval mode nn.TransformerEncoderLayer has a fused path that reads linear1.weight directly."""
+    torch.manual_seed(0)
+    m = nn.TransformerEncoderLayer(32, 4, 64, batch_first=True).eval()
+    x = torch.randn(4, 10, 32)
+    q = lb.quantize(m, weights=lb.QuantSpec(bits=2, granularity=lb.PerChannel(0)))
+    assert q.lowbit_info.quantized == ["linear1", "linear2"] and "self_attn.out_proj" in q.lowbit_info.skipped
+    with torch.no_grad():
+        got = q(x)
+        torch.backends.mha.set_fastpath_enabled(False)   # oracle: the module-by-module path everywhere
+        try:
+            want = q(x)
+        finally:
+            torch.backends.mha.set_fastpath_enabled(True)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)   # (attention itself may still run fused)
+        assert (got - m(x)).abs().max() > 1e-2              # 2-bit weights do change the output

@@ -180,8 +180,23 @@ def quantize(model: nn.Module, weights: QuantSpec = DEFAULT_WEIGHTS, activations
                          f"include/exclude (skipped: {info.skipped or 'none'})")
     for name, why in info.skipped.items():
         log.info("lowbit: %s stays float: %s", name, why)
+    _keep_fused_paths_off(q)
     q.lowbit_info = info
     return q
+
+
+def _no_op_pre_hook(module: nn.Module, args: tuple) -> None:
+    return None
+
+
+def _keep_fused_paths_off(q: nn.Module) -> None:
+    """``nn.TransformerEncoderLayer`` in eval mode runs a fused kernel that reads ``linear1.weight``
+    (the float master weight) directly, bypassing the quantized layers' forward. PyTorch takes the
+    slow, module-by-module path when a forward pre-hook is attached, so attach a no-op one."""
+    for m in q.modules():
+        if isinstance(m, nn.TransformerEncoderLayer) and any(isinstance(c, QuantLayer) for c in m.modules()):
+            if _no_op_pre_hook not in m._forward_pre_hooks.values():
+                m.register_forward_pre_hook(_no_op_pre_hook)
 
 
 def _act_quantizers(model: nn.Module) -> list[tuple[str, ActQuantizer]]:
