@@ -34,3 +34,36 @@ def test_two_processes_end_with_identical_grids_and_the_loss_falls(tmp_path):
     assert (tmp_path / MODEL_FILE).exists()
     assert results[0]["quantized"]["accuracy"] > results[0]["ptq"]["accuracy"]
 
+
+
+def test_torchrun_launch_equals_the_cli_launcher(tmp_path):
+    """``torchrun -m lowbit train`` joins the group from torchrun's environment variables and reaches
+    exactly what ``lowbit train --nproc 2`` (lowbit's own launcher) reaches."""
+    import json
+    import os
+    import pathlib
+    import signal
+    import subprocess
+    import sys
+
+    src = str(pathlib.Path(lb.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    args = ["train", "--model", "digits", "--weights", "4", "--activations", "8", "--epochs", "1", "--json"]
+    runs = {}
+    for how, prefix in (("torchrun", [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                                      "--standalone", "-m", "lowbit"]),
+                        ("cli", [sys.executable, "-m", "lowbit"])):
+        extra = ["--nproc", "2"] if how == "cli" else []
+        proc = subprocess.Popen([*prefix, *args, *extra, "--out", str(tmp_path / how)], env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+        try:
+            stdout, stderr = proc.communicate(timeout=180)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)      # the launcher and every worker it started
+            proc.communicate()
+            raise
+        assert proc.returncode == 0, stderr[-2000:]
+        runs[how] = json.loads(stdout)
+    a, b = runs["torchrun"], runs["cli"]
+    assert a["world_size"] == b["world_size"] == 2 and a["replicas_agree"] and b["replicas_agree"]
+    assert a["qparams_sha256"] == b["qparams_sha256"] and a["quantized"] == b["quantized"]
