@@ -100,6 +100,8 @@ def test_bad_input():
         lb.freeze(q)
     with pytest.raises(ValueError, match="already quantized"):
         lb.quantize(q)
+    with pytest.raises(ValueError, match=r"single Linear.*nn.Sequential\(layer\)"):
+        lb.quantize(nn.Linear(4, 4))
 
 
 def test_a_layer_that_saw_no_data_stays_float_and_freezes():

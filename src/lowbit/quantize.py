@@ -141,6 +141,9 @@ def quantize(model: nn.Module, weights: QuantSpec = DEFAULT_WEIGHTS, activations
         check_embedding_spec(embeddings)
     if any(isinstance(m, (QuantLayer, QuantEmbedding)) for m in model.modules()):
         raise ValueError("model is already quantized; pass the float model to lb.quantize")
+    if type(model) in QUANT_TYPES or type(model) is nn.Embedding:
+        raise ValueError(f"model is a single {type(model).__name__}; lb.quantize replaces the layers inside a "
+                         f"model: wrap it, e.g. lb.quantize(nn.Sequential(layer), ...)")
     names = [n for n, _ in model.named_modules() if n]
     include = _check_patterns("include", include, names)
     exclude = _check_patterns("exclude", exclude, names)
@@ -185,18 +188,14 @@ def quantize(model: nn.Module, weights: QuantSpec = DEFAULT_WEIGHTS, activations
     return q
 
 
-def _no_op_pre_hook(module: nn.Module, args: tuple) -> None:
-    return None
-
-
 def _keep_fused_paths_off(q: nn.Module) -> None:
     """``nn.TransformerEncoderLayer`` in eval mode runs a fused kernel that reads ``linear1.weight``
-    (the float master weight) directly, bypassing the quantized layers' forward. PyTorch takes the
-    slow, module-by-module path when a forward pre-hook is attached, so attach a no-op one."""
+    (the float master weight) directly, bypassing the quantized layers' forward. PyTorch (2.4 to
+    2.14) takes that path only when ``activation_relu_or_gelu`` is set, an attribute nothing else
+    reads; clearing it keeps the layer module by module (its ``activation`` is unchanged)."""
     for m in q.modules():
         if isinstance(m, nn.TransformerEncoderLayer) and any(isinstance(c, QuantLayer) for c in m.modules()):
-            if _no_op_pre_hook not in m._forward_pre_hooks.values():
-                m.register_forward_pre_hook(_no_op_pre_hook)
+            m.activation_relu_or_gelu = 0
 
 
 def _act_quantizers(model: nn.Module) -> list[tuple[str, ActQuantizer]]:

@@ -114,6 +114,18 @@ def _output_names(model: nn.Module, args: tuple, kwargs: dict) -> list[str] | No
     return None
 
 
+def check_exporter() -> None:
+    """Raise ``RuntimeError`` if this torch's ONNX exporter lacks what lowbit uses:
+    ``torch.onnx.export(dynamo=True, custom_translation_table=...)`` and ``torch.export.Dim.AUTO``."""
+    import inspect
+
+    params = inspect.signature(torch.onnx.export).parameters
+    if "custom_translation_table" not in params or not hasattr(torch.export.Dim, "AUTO"):
+        raise RuntimeError(f"ONNX export needs torch >= 2.6 (torch.onnx.export with dynamo=True and a "
+                           f"custom_translation_table, torch.export.Dim.AUTO); this is torch {torch.__version__}: "
+                           "upgrade torch (pip install 'torch>=2.6') to export or run on ONNX Runtime")
+
+
 @contextlib.contextmanager
 def _module_stack() -> list:
     """Track which modules are running (to name the one where tracing failed)."""
@@ -252,6 +264,7 @@ def export_onnx(q: nn.Module, example_inputs, path: str | os.PathLike, *, opset:
     """
     if not isinstance(q, nn.Module):
         raise TypeError(f"q must be a torch.nn.Module, got {type(q).__name__}")
+    check_exporter()
     opset = DEFAULT_OPSET if opset is None else opset
     if isinstance(opset, bool) or not isinstance(opset, int) or opset < _MIN_OPSET:
         raise ValueError(f"opset must be an int >= {_MIN_OPSET} (torch's ONNX exporter), got {opset!r}; 21 is the default")

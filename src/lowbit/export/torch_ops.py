@@ -21,7 +21,9 @@ The eager implementations compute the same thing in torch
 (``q = clamp(round_half_even(x / s) + z, qmin, qmax)``, ``x^ = (q - z) * s``), so a traced
 copy runs like the lowbit model it came from.
 """
-from __future__ import annotations
+# No ``from __future__ import annotations`` here: torch.library.custom_op reads these annotations
+# as types, and torch < 2.5 cannot resolve them from strings.
+from typing import Optional
 
 import torch
 
@@ -90,7 +92,7 @@ def _(codes, scale, zero_point, axis, block_size):
 
 @torch.library.custom_op("lowbit::integer_linear", mutates_args=())
 def integer_linear(x: torch.Tensor, weight_t: torch.Tensor, colsum: torch.Tensor, weight_scale: torch.Tensor,
-                   bias: torch.Tensor | None, input_scale: torch.Tensor, input_zero_point: torch.Tensor, bits: int,
+                   bias: Optional[torch.Tensor], input_scale: torch.Tensor, input_zero_point: torch.Tensor, bits: int,
                    signed: bool, symmetric: bool, narrow_range: bool, dynamic: bool, per_token: bool,
                    features: int) -> torch.Tensor:
     spec = QuantSpec(bits=bits, signed=signed, symmetric=symmetric, narrow_range=narrow_range)
