@@ -1,4 +1,5 @@
 """Observer.all_reduce over torch.distributed (gloo, two processes) equals one observer over all data."""
+import datetime
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,9 @@ def _observers():
 
 
 def _worker(rank, world, init_file, out_file):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    # a rank that fails makes the other wait in a collective: time out instead of hanging the suite
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
     try:
         observers = _observers()
         for obs in observers:

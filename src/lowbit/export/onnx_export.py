@@ -115,15 +115,17 @@ def _output_names(model: nn.Module, args: tuple, kwargs: dict) -> list[str] | No
 
 
 def check_exporter() -> None:
-    """Raise ``RuntimeError`` if this torch's ONNX exporter lacks what lowbit uses:
-    ``torch.onnx.export(dynamo=True, custom_translation_table=...)`` and ``torch.export.Dim.AUTO``."""
-    import inspect
+    """Raise ``RuntimeError`` on a torch whose ONNX exporter lowbit does not support.
 
-    params = inspect.signature(torch.onnx.export).parameters
-    if "custom_translation_table" not in params or not hasattr(torch.export.Dim, "AUTO"):
-        raise RuntimeError(f"ONNX export needs torch >= 2.6 (torch.onnx.export with dynamo=True and a "
-                           f"custom_translation_table, torch.export.Dim.AUTO); this is torch {torch.__version__}: "
-                           "upgrade torch (pip install 'torch>=2.6') to export or run on ONNX Runtime")
+    lowbit uses ``torch.onnx.export(dynamo=True, custom_translation_table=...)`` with
+    ``torch.export.Dim.AUTO``; before torch 2.7 these are missing (2.4, 2.5) or fail on dynamic
+    batch sizes (2.6). Tested: 2.7.1, 2.8.0, 2.13.0.
+    """
+    from torch.torch_version import TorchVersion
+
+    if TorchVersion(torch.__version__) < (2, 7):
+        raise RuntimeError(f"ONNX export needs torch >= 2.7 (its dynamo exporter); this is torch {torch.__version__}: "
+                           "upgrade torch (pip install 'torch>=2.7') to export or to run on ONNX Runtime")
 
 
 @contextlib.contextmanager

@@ -144,9 +144,13 @@ class DequantizedLayer(nn.Module):
 
 
 def _has_ort() -> bool:
+    """onnxruntime/onnxscript/onnx installed, and a torch whose exporter lowbit supports."""
     import importlib.util
 
-    return all(importlib.util.find_spec(m) is not None for m in ("onnxruntime", "onnxscript", "onnx"))
+    from torch.torch_version import TorchVersion
+
+    return (TorchVersion(torch.__version__) >= (2, 7)
+            and all(importlib.util.find_spec(m) is not None for m in ("onnxruntime", "onnxscript", "onnx")))
 
 
 def fast(q: nn.Module, *, backend: str = "auto", example_inputs=None, threads: int | None = None) -> nn.Module:
