@@ -138,3 +138,27 @@ def test_torch_transformer_encoder_layers_run_their_quantized_linears():
             torch.backends.mha.set_fastpath_enabled(True)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)   # (attention itself may still run fused)
         assert (got - m(x)).abs().max() > 1e-2              # 2-bit weights do change the output
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_models_quantize_freeze_and_reload(tmp_path, dtype):
+    """A bf16/fp16 model stays in its dtype: fake-quantized, frozen (bit-identical) and reloaded."""
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Embedding(50, 16), nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).to(dtype).eval()
+
+    m, ids = make(), torch.randint(0, 50, (8, 5), generator=torch.Generator().manual_seed(1))
+    q = lb.quantize(m, activations=A8, embeddings=lb.QuantSpec(bits=4, granularity=lb.PerChannel(0)))
+    with lb.calibrate(q):
+        q(ids)
+    with torch.no_grad():
+        before = q(ids)
+        lb.freeze(q)
+        after = q(ids)
+    assert before.dtype == after.dtype == dtype and torch.equal(before, after)
+    q2 = lb.load(lb.save(q, tmp_path / "h.safetensors"), make())
+    with torch.no_grad():
+        assert torch.equal(q2(ids), after)
+        # a frozen float32 model converted afterwards follows .to(dtype) too
+        q32 = lb.freeze(lb.quantize(make().float(), activations=None))
+        assert q32.to(dtype)(ids).dtype == dtype

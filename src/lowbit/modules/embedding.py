@@ -24,7 +24,7 @@ from torch import nn
 from ..ops import packing
 from ..qtensor import QTensor
 from ..spec import PerChannel, PerGroup, PerTensor, QuantSpec
-from .layer import cached_dequantized_weight
+from .layer import cached_dequantized_weight, track_weight_dtype, weight_dtype
 from .quantizer import WeightQuantizer
 
 __all__ = ["QuantEmbedding", "check_embedding_spec"]
@@ -62,6 +62,7 @@ class QuantEmbedding(nn.Module):
         self.weight_quant = weight_quant
         self.frozen = False
         self._weight_shape = tuple(weight.shape)
+        self._weight_dtype = weight.dtype
 
     @classmethod
     def from_float(cls, module: nn.Embedding, spec: QuantSpec, observer: str = "minmax",
@@ -138,7 +139,11 @@ class QuantEmbedding(nn.Module):
         if scale.dim():   # per row or per row group: the rows' own parameters
             scale, zp = scale[ids], zp[ids]
         q = QTensor(picked.reshape(-1) if packed else picked, scale, zp, spec, (ids.numel(), dim), packed)
-        return q.dequantize()
+        return q.dequantize().to(weight_dtype(self))
+
+    def _apply(self, fn, recurse=True):
+        track_weight_dtype(self, fn)
+        return super()._apply(fn, recurse)
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, ids: torch.Tensor) -> torch.Tensor:

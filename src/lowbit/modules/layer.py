@@ -19,7 +19,18 @@ from ..qtensor import QTensor
 from ..spec import QuantSpec
 from .quantizer import ActQuantizer, WeightQuantizer
 
-__all__ = ["QuantLayer", "cached_dequantized_weight"]
+__all__ = ["QuantLayer", "cached_dequantized_weight", "weight_dtype", "track_weight_dtype"]
+
+
+def weight_dtype(module: nn.Module) -> torch.dtype:
+    """The floating dtype the module's float weight had (and that ``.to(dtype)`` calls since changed)."""
+    return module.__dict__.get("_weight_dtype", torch.float32)
+
+
+def track_weight_dtype(module: nn.Module, fn) -> None:
+    """Follow ``module._apply(fn)`` (``.to``, ``.half()``, ...) for :func:`weight_dtype`: a frozen layer
+    holds no float weight whose dtype would record it (its codes are integers)."""
+    module.__dict__["_weight_dtype"] = fn(torch.empty(0, dtype=weight_dtype(module))).dtype
 
 
 def cached_dequantized_weight(module: nn.Module) -> torch.Tensor:
@@ -31,7 +42,7 @@ def cached_dequantized_weight(module: nn.Module) -> torch.Tensor:
     key = tuple((t.data_ptr(), t._version) for t in (module.weight_codes, module.weight_scale, module.weight_zero_point))
     cached = module.__dict__.get("_dq_cache")
     if cached is None or cached[0] != key:
-        cached = (key, module.qweight.dequantize().reshape(module._weight_shape))
+        cached = (key, module.qweight.dequantize().reshape(module._weight_shape).to(weight_dtype(module)))
         module.__dict__["_dq_cache"] = cached
     return cached[1]
 
@@ -56,6 +67,11 @@ class QuantLayer(nn.Module):
         self.input_quant = input_quant
         self.frozen = False
         self._weight_shape = tuple(weight.shape)
+        self._weight_dtype = weight.dtype
+
+    def _apply(self, fn, recurse=True):
+        track_weight_dtype(self, fn)
+        return super()._apply(fn, recurse)
 
     # -- the float operation of the layer ------------------------------------------------------
     def op(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
