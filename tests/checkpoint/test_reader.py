@@ -8,6 +8,8 @@ from torch import nn
 
 import lowbit as lb
 
+from _blocks import PostLN   # tests/_blocks.py
+
 A8 = lb.QuantSpec(bits=8, symmetric=False)
 A8U = lb.QuantSpec(bits=8, signed=False, symmetric=False)
 W8 = lb.QuantSpec(bits=8, granularity=lb.PerChannel(0))
@@ -191,20 +193,6 @@ def test_uncalibrated_quantizer_and_dtype_mismatch(tmp_path):
         lb.load(tmp_path / "b.safetensors", Branchy().double())
 
 
-class _PostLN(nn.Module):
-    """BERT style: the LayerNorm output is also the residual, so smoothing factors stay explicit."""
-
-    def __init__(self, d=16):
-        super().__init__()
-        torch.manual_seed(3)
-        self.ln, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.v, self.o = nn.Linear(d, d), nn.Linear(d, d)
-
-    def forward(self, x):
-        h = self.ln(x)
-        return self.ln2(h + self.o(self.v(h)))
-
-
 def _outlier_tokens(seed=0):
     g = torch.Generator().manual_seed(seed)
     xs = [torch.randn(8, 6, 16, generator=g) for _ in range(3)]
@@ -215,7 +203,7 @@ def _outlier_tokens(seed=0):
 
 @pytest.mark.parametrize("transform", ["smooth_quant", "awq"])
 def test_explicit_smoothing_factors_are_rebuilt_on_the_plain_float_model(tmp_path, transform):
-    model, xs = _PostLN().eval(), _outlier_tokens()
+    model, xs = PostLN(seed=3).eval(), _outlier_tokens()
     if transform == "smooth_quant":
         smoothed = lb.transforms.smooth_quant(model, xs, alpha=0.8)
     else:
@@ -242,11 +230,11 @@ def test_explicit_smoothing_factors_are_rebuilt_on_the_plain_float_model(tmp_pat
 
 
 def test_a_smoothed_layer_that_is_not_linear_in_model_like_is_named(tmp_path):
-    model, xs = _PostLN().eval(), _outlier_tokens()
+    model, xs = PostLN(seed=3).eval(), _outlier_tokens()
     q = lb.quantize(lb.transforms.smooth_quant(model, xs, alpha=0.8), weights=W8)
     lb.freeze(q)
     path = lb.save(q, tmp_path / "s.safetensors")
-    other = _PostLN().eval()
+    other = PostLN(seed=3).eval()
     other.v = nn.Identity()
     with pytest.raises(ValueError, match="'v' should be an nn.Linear"):
         lb.load(path, other)

@@ -1,4 +1,6 @@
 """AWQ: the float function is kept, and the scaled weights round with less output error than plain RTN."""
+import functools
+
 import pytest
 import torch
 from torch import nn
@@ -7,6 +9,8 @@ import lowbit as lb
 from lowbit.transforms import SmoothedLinear, awq
 from lowbit.transforms.awq import awq_factors
 from lowbit.transforms.pipeline import TRANSFORMS
+
+import _blocks   # tests/_blocks.py
 
 W4 = lb.QuantSpec(bits=4, symmetric=False, granularity=lb.PerGroup(16))
 W3 = lb.QuantSpec(bits=3, granularity=lb.PerChannel(0))
@@ -23,39 +27,8 @@ def _salient(n=4, tokens=32, d=64, seed=0, salient=(3, 17, 40), gain=30.0):
     return xs
 
 
-class PreLN(nn.Module):
-    """LN outputs read only by linear layers (q/k/v; fc1): AWQ folds its factor into the norm."""
-
-    def __init__(self, d=32, seed=0):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        with torch.no_grad():
-            self.ln1.weight.copy_(torch.rand(d) + 0.5)
-            self.ln1.weight[3] = 20.0
-            self.ln2.bias.copy_(torch.randn(d))
-        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
-        self.fc1, self.fc2 = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
-
-    def forward(self, x):
-        h = self.ln1(x)
-        att = torch.softmax(self.q(h) @ self.k(h).transpose(-1, -2) / 4.0, dim=-1) @ self.v(h)
-        x = x + self.o(att)
-        return x + self.fc2(torch.nn.functional.gelu(self.fc1(self.ln2(x))))
-
-
-class PostLN(nn.Module):
-    """BERT style: the LN output is also the residual, so only explicit factors are exact."""
-
-    def __init__(self, d=32):
-        super().__init__()
-        torch.manual_seed(1)
-        self.ln = nn.LayerNorm(d)
-        self.v, self.o = nn.Linear(d, d), nn.Linear(d, d)
-
-    def forward(self, x):
-        h = self.ln(x)
-        return self.ln(h + self.o(self.v(h)))
+PreLN = functools.partial(_blocks.PreLN, d=32, outlier=20.0, ffn=2, biased="ln2")
+PostLN = functools.partial(_blocks.PostLN, d=32, second_norm=False)
 
 
 def _output_error(float_model, q, xs):

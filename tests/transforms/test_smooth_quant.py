@@ -1,5 +1,6 @@
 """SmoothQuant: the float function is kept, outliers move into the weights, folding only where exact."""
 import copy
+import functools
 
 import pytest
 import torch
@@ -9,6 +10,8 @@ import lowbit as lb
 from lowbit.transforms import SmoothedLinear, outlier_ratio, smooth_quant
 from lowbit.transforms.pipeline import TRANSFORMS
 from lowbit.transforms.smooth_quant import smoothing_factors
+
+import _blocks   # tests/_blocks.py
 
 
 def _outlier_inputs(n=64, tokens=10, d=16, seed=0):
@@ -22,41 +25,8 @@ def _outlier_inputs(n=64, tokens=10, d=16, seed=0):
     return xs
 
 
-class PreLN(nn.Module):
-    """x + W_o(attn-like mix of q, k, v of LN(x)), then x + fc2(gelu(fc1(LN2(x)))): the LN outputs
-    feed only linear layers (OPT / LLaMA style)."""
-
-    def __init__(self, d=16, seed=0):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        with torch.no_grad():   # a non-trivial affine part, with outliers kept in channel 3
-            self.ln1.weight.copy_(torch.rand(d) + 0.5)
-            self.ln1.weight[3] = 30.0
-            self.ln1.bias.copy_(torch.randn(d))
-        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
-        self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
-
-    def forward(self, x):
-        h = self.ln1(x)
-        att = torch.softmax(self.q(h) @ self.k(h).transpose(-1, -2) / 4.0, dim=-1) @ self.v(h)
-        x = x + self.o(att)
-        return x + self.fc2(torch.nn.functional.gelu(self.fc1(self.ln2(x))))
-
-
-class PostLN(nn.Module):
-    """BERT style: h = LN(x); out = LN2(h + W_o(v(h))): the LN output is also the residual."""
-
-    def __init__(self, d=16):
-        super().__init__()
-        torch.manual_seed(1)
-        self.ln, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.drop = nn.Dropout(0.1)
-        self.v, self.o = nn.Linear(d, d), nn.Linear(d, d)
-
-    def forward(self, x):
-        h = self.drop(self.ln(x))
-        return self.ln2(h + self.o(self.v(h)))
+PreLN = _blocks.PreLN                       # d=16, LN1 gain outlier 30 and a bias, FFN 4d
+PostLN = functools.partial(_blocks.PostLN, dropout=True)
 
 
 def _input_max(model, batches, names):

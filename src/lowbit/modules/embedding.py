@@ -24,7 +24,7 @@ from torch import nn
 from ..ops import packing
 from ..qtensor import QTensor
 from ..spec import PerChannel, PerGroup, PerTensor, QuantSpec
-from .layer import cached_dequantized_weight, track_weight_dtype, weight_dtype
+from .quant_weight import QuantWeight
 from .quantizer import WeightQuantizer
 
 __all__ = ["QuantEmbedding", "check_embedding_spec"]
@@ -42,7 +42,7 @@ def check_embedding_spec(spec: QuantSpec, arg: str = "embeddings") -> None:
                          f"group of a row (PerGroup(size)), got {spec}")
 
 
-class QuantEmbedding(nn.Module):
+class QuantEmbedding(QuantWeight):
     """Quantized :class:`torch.nn.Embedding` (see the module docstring).
 
     Attributes:
@@ -54,15 +54,10 @@ class QuantEmbedding(nn.Module):
 
     def __init__(self, weight: nn.Parameter, padding_idx: int | None, weight_quant: WeightQuantizer,
                  scale_grad_by_freq: bool = False, sparse: bool = False) -> None:
-        super().__init__()
-        self.weight = weight
+        super().__init__(weight, weight_quant)
         self.padding_idx = padding_idx
         self.scale_grad_by_freq = scale_grad_by_freq
         self.sparse = sparse
-        self.weight_quant = weight_quant
-        self.frozen = False
-        self._weight_shape = tuple(weight.shape)
-        self._weight_dtype = weight.dtype
 
     @classmethod
     def from_float(cls, module: nn.Embedding, spec: QuantSpec, observer: str = "minmax",
@@ -85,43 +80,13 @@ class QuantEmbedding(nn.Module):
         return self._weight_shape[1]
 
     # -- the table -----------------------------------------------------------------------------
-    def quantized_weight(self) -> torch.Tensor:
-        """The whole table as the forward sees it: fake-quantized (or dequantized, once frozen)."""
-        if self.frozen:
-            return cached_dequantized_weight(self)
-        return self.weight_quant(self.weight)
-
-    @property
-    def qweight(self) -> QTensor:
-        """The integer table as a :class:`QTensor`."""
-        spec = self.weight_quant.spec
-        if self.frozen:
-            return QTensor(self.weight_codes, self.weight_scale, self.weight_zero_point, spec, self._weight_shape,
-                           self.weight_codes.dtype == torch.uint8 and spec.bits <= 4)
-        scale, zero_point = self.weight_quant.qparams(self.weight)
-        return QTensor.from_float(self.weight.detach(), spec, scale, zero_point)
+    def _codes_shape(self) -> tuple[int, int]:
+        return self._weight_shape
 
     def freeze(self) -> None:
         """Store the table as integer codes and drop the float master copy (idempotent)."""
         if not self.frozen:
             self.set_frozen_weight(self.qweight)
-
-    def set_frozen_weight(self, qweight: QTensor) -> None:
-        """Hold ``qweight`` as the table and drop the float master copy."""
-        if tuple(qweight.shape) != self._weight_shape:
-            raise ValueError(f"qweight has shape {tuple(qweight.shape)}, this table needs {self._weight_shape}")
-        if "weight" in self._parameters:
-            del self.weight
-        self.register_buffer("weight_codes", qweight.data)
-        self.register_buffer("weight_scale", qweight.scale)
-        self.register_buffer("weight_zero_point", qweight.zero_point)
-        self.weight_quant.scale = self.weight_quant.zero_point = None
-        self.frozen = True
-
-    def __getattr__(self, name: str):
-        if name == "weight" and self.__dict__.get("frozen", False):
-            return self.quantized_weight()
-        return super().__getattr__(name)
 
     def _rows(self, ids: torch.Tensor) -> torch.Tensor | None:
         """Dequantized rows ``ids`` (flat) of the frozen table, or None where rows are not byte-aligned."""
@@ -139,11 +104,7 @@ class QuantEmbedding(nn.Module):
         if scale.dim():   # per row or per row group: the rows' own parameters
             scale, zp = scale[ids], zp[ids]
         q = QTensor(picked.reshape(-1) if packed else picked, scale, zp, spec, (ids.numel(), dim), packed)
-        return q.dequantize().to(weight_dtype(self))
-
-    def _apply(self, fn, recurse=True):
-        track_weight_dtype(self, fn)
-        return super()._apply(fn, recurse)
+        return q.dequantize().to(self._weight_dtype)
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, ids: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,87 @@
+"""``QuantWeight``: a module whose weight is quantized: a float master copy until frozen, integer
+codes after.
+
+Until ``freeze()`` the float weight is a parameter and the forward sees ``weight_quant(W)``
+(fake-quantized, so PTQ, calibration and QAT run the same module). ``freeze()`` replaces it by its
+integer codes (a :class:`lowbit.QTensor` kept as buffers ``weight_codes``/``weight_scale``/
+``weight_zero_point``, so ``.to()``, ``state_dict`` and checkpoints carry it); afterwards
+``weight`` reads back the dequantized weight, in the dtype the float weight had (followed through
+``.to(dtype)``), dequantized once per stored weight.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..qtensor import QTensor
+from .quantizer import WeightQuantizer
+
+__all__ = ["QuantWeight"]
+
+
+class QuantWeight(nn.Module):
+    """Base of :class:`~lowbit.modules.QuantLayer` and :class:`~lowbit.modules.QuantEmbedding`.
+
+    Subclasses say which 2-D view the codes have (:meth:`_codes_shape`: the GEMM view of a
+    convolution, the table itself for an embedding).
+
+    Attributes:
+        weight_quant: :class:`WeightQuantizer`.
+        frozen: whether the weight is stored as integers.
+    """
+
+    def __init__(self, weight: nn.Parameter, weight_quant: WeightQuantizer) -> None:
+        super().__init__()
+        self.weight = weight
+        self.weight_quant = weight_quant
+        self.frozen = False
+        self._weight_shape = tuple(weight.shape)
+        self._weight_dtype = weight.dtype
+
+    def _codes_shape(self) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def _apply(self, fn, recurse=True):
+        # a frozen module holds no float weight whose dtype would follow .to(dtype) / .half()
+        self._weight_dtype = fn(torch.empty(0, dtype=self._weight_dtype)).dtype
+        return super()._apply(fn, recurse)
+
+    def quantized_weight(self) -> torch.Tensor:
+        """The weight as the forward sees it: fake-quantized (or dequantized, once frozen)."""
+        if not self.frozen:
+            return self.weight_quant(self.weight)
+        # dequantized once per stored weight: the codes only change by loading or re-freezing
+        key = tuple((t.data_ptr(), t._version) for t in (self.weight_codes, self.weight_scale, self.weight_zero_point))
+        cached = self.__dict__.get("_dq_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, self.qweight.dequantize().reshape(self._weight_shape).to(self._weight_dtype))
+            self.__dict__["_dq_cache"] = cached
+        return cached[1]
+
+    @property
+    def qweight(self) -> QTensor:
+        """The integer weight (in :meth:`_codes_shape`) as a :class:`QTensor`."""
+        spec = self.weight_quant.spec
+        if self.frozen:
+            return QTensor(self.weight_codes, self.weight_scale, self.weight_zero_point, spec, self._codes_shape(),
+                           self.weight_codes.dtype == torch.uint8 and spec.bits <= 4)
+        w = self.weight.detach().reshape(self._codes_shape())
+        scale, zero_point = self.weight_quant.qparams(self.weight)
+        return QTensor.from_float(w, spec, scale, zero_point)
+
+    def set_frozen_weight(self, qweight: QTensor) -> None:
+        """Hold ``qweight`` (in :meth:`_codes_shape`) as the integer weight and drop the float master copy."""
+        if tuple(qweight.shape) != self._codes_shape():
+            raise ValueError(f"qweight has shape {tuple(qweight.shape)}, this module needs {self._codes_shape()}")
+        if "weight" in self._parameters:
+            del self.weight
+        self.register_buffer("weight_codes", qweight.data)
+        self.register_buffer("weight_scale", qweight.scale)
+        self.register_buffer("weight_zero_point", qweight.zero_point)
+        self.weight_quant.scale = self.weight_quant.zero_point = None  # held once, as weight_scale
+        self.frozen = True
+
+    def __getattr__(self, name: str):
+        if name == "weight" and self.__dict__.get("frozen", False):
+            return self.quantized_weight()
+        return super().__getattr__(name)
