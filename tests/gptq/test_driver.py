@@ -1,7 +1,6 @@
 """lb.gptq on models: error reduction, exact grids, freeze, layer order, convolutions, bad input."""
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import lowbit as lb

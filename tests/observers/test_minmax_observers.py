@@ -5,7 +5,7 @@ from torch.ao.quantization import (MinMaxObserver, MovingAverageMinMaxObserver, 
                                    PerChannelMinMaxObserver)
 
 import lowbit
-from lowbit import PerChannel, PerGroup, PerTensor, PerToken, QuantSpec, ops
+from lowbit import PerChannel, PerGroup, PerToken, QuantSpec, ops
 from lowbit.observers import MSE, Entropy, MaxAbs, MinMax, MovingAverage, NotCalibratedError, Percentile
 
 ALL = [MinMax, MaxAbs, MovingAverage, Percentile, MSE, Entropy]

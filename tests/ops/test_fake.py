@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from lowbit import PerChannel, PerGroup, PerTensor, PerToken, QuantSpec, ops
+from lowbit import PerChannel, PerGroup, PerToken, QuantSpec, ops
 from lowbit.ops import kernels
 
 from . import ort_ref

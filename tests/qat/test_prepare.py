@@ -1,5 +1,4 @@
 """lb.qat.prepare on whole models: ordinary training loops, freeze equivalence, save/load, options."""
-import copy
 
 import pytest
 import torch

@@ -1,6 +1,4 @@
 """lowbit.zoo.cache: location from the environment, keys that change with the recipe, atomic writes."""
-import os
-import pathlib
 import threading
 import time
 

@@ -127,7 +127,7 @@ def to_integer(q: nn.Module, *, requantize: bool = True, rounding: str = "half_e
 
     The copy is in eval mode; ``q`` is untouched. Integer layers accept the same inputs as before.
     """
-    layers = frozen_quant_layers(q, "to_integer")
+    frozen_quant_layers(q, "to_integer")   # checks
     if rounding not in REQUANT_ROUNDING:
         raise ValueError(f"rounding must be one of {REQUANT_ROUNDING}, got {rounding!r}")
     model = copy.deepcopy(q).eval()

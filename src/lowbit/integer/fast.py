@@ -30,7 +30,6 @@ import copy
 import logging
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..modules import QuantConv1d, QuantConv2d, QuantLayer, QuantLinear
@@ -165,7 +164,7 @@ def fast(q: nn.Module, *, backend: str = "auto", example_inputs=None, threads: i
     The copy gives the frozen model's outputs up to float32 rounding and is in eval mode; ``q`` is
     untouched. ``model.lowbit_fast`` lists ``{"int8": [...], "float": {layer: why}}``.
     """
-    layers = frozen_quant_layers(q, "fast()")
+    frozen_quant_layers(q, "fast()")   # checks
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":

@@ -45,7 +45,6 @@ def pack(q: torch.Tensor, bits: int) -> torch.Tensor:
 def unpack(packed: torch.Tensor, bits: int, numel: int, signed: bool, dtype: torch.dtype) -> torch.Tensor:
     """Inverse of :func:`pack`: the first ``numel`` codes as a flat tensor of ``dtype``."""
     k = container_bits(bits)
-    per_byte = 8 // k
     shifts = torch.arange(0, 8, k, device=packed.device, dtype=torch.int32)
     codes = (packed.to(torch.int32).unsqueeze(1) >> shifts) & ((1 << k) - 1)
     codes = codes.reshape(-1)[:numel]

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..modules import ActQuantizer, QuantLayer, WeightQuantizer
+from ..modules import QuantLayer
 from .functional import SURROGATES
 from .quantizers import ACT_LEARNING, ROUNDINGS, SCALE_INITS, QATActQuantizer, QATWeightQuantizer
 

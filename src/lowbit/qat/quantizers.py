@@ -25,7 +25,7 @@ from torch import nn
 from .. import ops
 from ..modules import ActQuantizer, WeightQuantizer
 from ..ops.params import from_rows, to_rows
-from .functional import SURROGATES, grad_scale, lsq_grad_factor, lsq_init_scale, noise_fake_quantize, pact_fake_quantize
+from .functional import grad_scale, lsq_grad_factor, lsq_init_scale, noise_fake_quantize, pact_fake_quantize
 
 __all__ = ["QATWeightQuantizer", "QATActQuantizer", "ROUNDINGS", "SCALE_INITS", "ACT_LEARNING"]
 

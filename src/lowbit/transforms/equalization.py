@@ -35,7 +35,7 @@ from torch import nn
 
 from ..modules import QuantLayer
 from .bound import BoundedReLU
-from .fold_bn import fold_batchnorm
+from .fold_bn import fold_batchnorm, module_calls
 
 __all__ = ["equalize", "find_equalization_pairs", "EqualizationPair"]
 
@@ -106,10 +106,7 @@ def _valid(first: nn.Module, second: nn.Module, flatten: bool) -> bool:
 def _pairs_by_tracing(model: nn.Module) -> list[EqualizationPair]:
     graph = _Tracer().trace(model)
     modules = dict(model.named_modules())
-    calls: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
+    calls = module_calls(graph)
     pairs = []
     for node in graph.nodes:
         if node.op != "call_module" or not _is_layer(modules[node.target]) or calls[node.target] != 1:

@@ -13,6 +13,7 @@ or, where tracing fails, as neighbours inside ``nn.Sequential`` containers.
 """
 from __future__ import annotations
 
+import collections
 import logging
 
 import torch
@@ -36,13 +37,16 @@ def _foldable(layer: nn.Module, bn: nn.Module) -> bool:
     return bn.num_features == layer.weight.shape[0]
 
 
+def module_calls(graph: torch.fx.Graph) -> collections.Counter:
+    """How many times the traced ``graph`` calls each submodule (by name): a module called twice
+    (shared) cannot take a per-call change."""
+    return collections.Counter(node.target for node in graph.nodes if node.op == "call_module")
+
+
 def _pairs_by_tracing(model: nn.Module) -> list[tuple[str, str]]:
     graph = torch.fx.symbolic_trace(model).graph
     modules = dict(model.named_modules())
-    calls: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
+    calls = module_calls(graph)
     pairs = []
     for node in graph.nodes:
         if node.op != "call_module" or not node.args:
