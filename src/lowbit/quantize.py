@@ -28,7 +28,8 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from .modules import QUANT_TYPES, ActQuantizer, QuantEmbedding, QuantLayer, check_embedding_spec
+from .modules import QUANT_TYPES, ActQuantizer, QuantEmbedding, QuantLayer, QuantLinear, check_embedding_spec
+from .modules.linear import KERNELS
 from .modules.tree import set_module
 from .spec import PerChannel, QuantSpec
 from .transforms.fold_bn import fold_batchnorm
@@ -116,8 +117,9 @@ def quantize(model: nn.Module, weights: QuantSpec = DEFAULT_WEIGHTS, activations
              observer: str = "minmax", include: Sequence[str] | str | None = None,
              exclude: Sequence[str] | str | None = None, *, weight_observer: str | None = None,
              observer_options: dict | None = None, fold_bn: bool = True,
-             embeddings: QuantSpec | None = None) -> nn.Module:
-    """A quantized copy of ``model`` (the float model is untouched).
+             embeddings: QuantSpec | None = None, inplace: bool = False) -> nn.Module:
+    """A quantized copy of ``model`` (the float model is untouched), or ``model`` itself quantized
+    with ``inplace=True`` (no second float model in memory: torchao's ``quantize_`` semantics).
 
     Args:
         weights: grid of the weights (default int8 per output channel).
@@ -130,6 +132,8 @@ def quantize(model: nn.Module, weights: QuantSpec = DEFAULT_WEIGHTS, activations
         embeddings: grid of the ``nn.Embedding`` tables (weight-only, e.g.
             ``QuantSpec(bits=8, granularity=PerChannel(0))``: one scale per row), or None to keep
             them float. Their range method is the weights' one.
+        inplace: quantize ``model`` itself instead of a deep copy. Every argument is checked
+            before anything changes, so a call that raises leaves ``model`` as it was.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -148,7 +152,9 @@ def quantize(model: nn.Module, weights: QuantSpec = DEFAULT_WEIGHTS, activations
     include = _check_patterns("include", include, names)
     exclude = _check_patterns("exclude", exclude, names)
 
-    q = copy.deepcopy(model)
+    if not isinstance(inplace, bool):
+        raise TypeError(f"inplace must be True or False, got {inplace!r}")
+    q = model if inplace else copy.deepcopy(model)
     info = QuantInfo(weights=weights, activations=activations, observer=observer, embeddings=embeddings)
     if fold_bn:
         info.folded = fold_batchnorm(q)
@@ -239,12 +245,21 @@ def calibrate(model: nn.Module) -> Iterator[nn.Module]:
         log.warning("lowbit: %d activation quantizers saw no data and stay float: %s", len(missing), missing)
 
 
-def freeze(model: nn.Module) -> nn.Module:
+def freeze(model: nn.Module, kernel: str = "auto") -> nn.Module:
     """Store every quantized weight as integer codes (in place); returns ``model``.
 
     Activation ranges must be calibrated first. The frozen model computes the same outputs as
-    before in eval mode (it uses the same grid; grids learned by ``lb.qat`` become fixed ones), holds no float master weights, and can be saved with ``lb.save``.
+    before in eval mode (it uses the same grid; grids learned by ``lb.qat`` become fixed ones), holds
+    no float master weights (nor any float copy of them), and can be saved with ``lb.save``.
+
+    ``kernel`` chooses how weight-only linear layers run small (decoding) inputs on CPU:
+    ``"auto"`` runs PyTorch's int4/int8 kernels for bfloat16 inputs, ``"int"`` for float32 inputs
+    too (their activations are then rounded to bfloat16: faster, not bit-identical), and
+    ``"dequantize"`` never (see :mod:`lowbit.modules.linear`). Calling ``freeze`` again on a frozen
+    model only changes the kernel.
     """
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     layers = quant_layers(model)
     tables = quant_embeddings(model)
     if not layers and not tables:
@@ -263,6 +278,8 @@ def freeze(model: nn.Module) -> nn.Module:
         if layer.input_quant is not None and not layer.input_quant.calibrated:
             layer.input_quant.enabled = False
         layer.freeze()
+        if isinstance(layer, QuantLinear):
+            layer.set_kernel(kernel)
     for _, table in tables:
         table.freeze()
     return model

@@ -6,7 +6,9 @@ Until ``freeze()`` the float weight is a parameter and the forward sees ``weight
 integer codes (a :class:`lowbit.QTensor` kept as buffers ``weight_codes``/``weight_scale``/
 ``weight_zero_point``, so ``.to()``, ``state_dict`` and checkpoints carry it); afterwards
 ``weight`` reads back the dequantized weight, in the dtype the float weight had (followed through
-``.to(dtype)``), dequantized once per stored weight.
+``.to(dtype)``). A frozen module holds its codes and scales and nothing that grows with the float
+weight: the dequantized weight is rebuilt for each call that needs it and not kept (subclasses may
+run an integer kernel instead, see :class:`~lowbit.modules.QuantLinear`).
 """
 from __future__ import annotations
 
@@ -44,27 +46,47 @@ class QuantWeight(nn.Module):
     def _apply(self, fn, recurse=True):
         # a frozen module holds no float weight whose dtype would follow .to(dtype) / .half()
         self._weight_dtype = fn(torch.empty(0, dtype=self._weight_dtype)).dtype
-        return super()._apply(fn, recurse)
+        self._release_runtime()
+        out = super()._apply(fn, recurse)
+        self._prepare_runtime()
+        return out
+
+    # -- run-time form of the frozen codes (subclasses with integer kernels override these) -------
+    def _prepare_runtime(self) -> None:
+        """Lay the frozen codes out for this module's kernel (called on freeze, load and ``.to()``)."""
+
+    def _release_runtime(self) -> None:
+        """Undo :meth:`_prepare_runtime`: ``weight_codes`` holds the stored (ONNX) layout again."""
+
+    def _stored_codes(self) -> torch.Tensor:
+        """The codes in their stored layout (what checkpoints and :attr:`qweight` carry)."""
+        return self.weight_codes
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.frozen:
+            destination[prefix + "weight_codes"] = self._stored_codes()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self._release_runtime()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._prepare_runtime()
 
     def quantized_weight(self) -> torch.Tensor:
         """The weight as the forward sees it: fake-quantized (or dequantized, once frozen)."""
         if not self.frozen:
             return self.weight_quant(self.weight)
-        # dequantized once per stored weight: the codes only change by loading or re-freezing
-        key = tuple((t.data_ptr(), t._version) for t in (self.weight_codes, self.weight_scale, self.weight_zero_point))
-        cached = self.__dict__.get("_dq_cache")
-        if cached is None or cached[0] != key:
-            cached = (key, self.qweight.dequantize().reshape(self._weight_shape).to(self._weight_dtype))
-            self.__dict__["_dq_cache"] = cached
-        return cached[1]
+        # rebuilt per call and not kept: a frozen model is its codes (a cache would be a float copy)
+        return self.qweight.dequantize().reshape(self._weight_shape).to(self._weight_dtype)
 
     @property
     def qweight(self) -> QTensor:
         """The integer weight (in :meth:`_codes_shape`) as a :class:`QTensor`."""
         spec = self.weight_quant.spec
         if self.frozen:
-            return QTensor(self.weight_codes, self.weight_scale, self.weight_zero_point, spec, self._codes_shape(),
-                           self.weight_codes.dtype == torch.uint8 and spec.bits <= 4)
+            codes = self._stored_codes()
+            return QTensor(codes, self.weight_scale, self.weight_zero_point, spec, self._codes_shape(),
+                           codes.dtype == torch.uint8 and spec.bits <= 4)
         w = self.weight.detach().reshape(self._codes_shape())
         scale, zero_point = self.weight_quant.qparams(self.weight)
         return QTensor.from_float(w, spec, scale, zero_point)
@@ -80,6 +102,7 @@ class QuantWeight(nn.Module):
         self.register_buffer("weight_zero_point", qweight.zero_point)
         self.weight_quant.scale = self.weight_quant.zero_point = None  # held once, as weight_scale
         self.frozen = True
+        self._prepare_runtime()
 
     def __getattr__(self, name: str):
         if name == "weight" and self.__dict__.get("frozen", False):
