@@ -66,6 +66,8 @@ def compact(full: dict) -> dict:
         out.pop("embeddings", None)
     if not out.get("training"):
         out.pop("training", None)
+    if not out.get("buffers"):
+        out.pop("buffers", None)
     out["specs"] = [_compact_spec(s) for s in full["specs"]]
     info = full.get("info")
     if info is not None:
@@ -128,6 +130,7 @@ def expand(small: dict, header: dict) -> dict:
         full["layers"][name] = e
     full["casts"] = {k: dtype for dtype, keys in small.get("casts", {}).items() for k in keys}
     full["aliases"] = dict(small.get("aliases", {}))
+    full["buffers"] = list(small.get("buffers", []))
     full["implied"] = {}
     for dtype, keys in small.get("implied", {}).items():
         for key in keys:

@@ -14,6 +14,7 @@ __all__ = ["FORMAT_VERSION", "META_KEY", "spec_to_dict", "spec_from_dict", "dtyp
 
 FORMAT_VERSION = 3   # 3: + quantized embedding tables; 2: compact map (lowbit.checkpoint.compact); 1: full map
 META_KEY = "lowbit"
+BUFFER_PREFIX = "__buffer__."   # tensors of non-persistent buffers (listed in the map's "buffers")
 _MAX_HEADER = 100 * 1024 * 1024     # safetensors' own limit on the JSON header
 
 

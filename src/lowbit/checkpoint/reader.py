@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import copy
+import ctypes
 import glob
 import os
+import sys
 from pathlib import Path
 
 import safetensors.torch
@@ -17,7 +19,7 @@ from ..qtensor import QTensor
 from ..modules.tree import set_module
 from ..quantize import QuantInfo, quant_embeddings, quant_layers, quantize
 from ..transforms.smooth_quant import SmoothedLinear
-from .fileformat import dtype_name, read_quant_map, spec_from_dict
+from .fileformat import BUFFER_PREFIX, dtype_name, read_quant_map, spec_from_dict
 
 __all__ = ["load"]
 
@@ -145,9 +147,102 @@ def _compare_keys(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor
         raise ValueError("model_like does not fit the checkpoint" + hint + ": " + "; ".join(problems))
 
 
+def _ties(model: nn.Module) -> list[list[str]]:
+    """Names of parameters that are one tensor (tied weights), in groups of two or more."""
+    groups: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+    return [names for names in groups.values() if len(names) > 1]
+
+
+def _retie(model: nn.Module, ties: list[list[str]]) -> None:
+    for first, *others in ties:
+        p = model.get_parameter(first)
+        for name in others:
+            owner, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(owner) if owner else model, attr, p)
+
+
+def _fill_buffers(q: nn.Module, raw: dict[str, torch.Tensor], names: list[str]) -> None:
+    """Non-persistent buffers saved by ``lb.save``: filled where ``model_like`` has them on ``meta``."""
+    for name in names:
+        owner, _, attr = name.rpartition(".")
+        try:
+            module = q.get_submodule(owner) if owner else q
+        except AttributeError:
+            continue
+        current = module._buffers.get(attr)
+        if isinstance(current, torch.Tensor) and current.device.type == "meta":
+            module._buffers[attr] = raw[BUFFER_PREFIX + name].to(current.dtype)
+
+
+_PAGE = 4096
+_MADV_DONTNEED = 4
+
+
+def _drop_file_pages(t: torch.Tensor) -> None:
+    """Let the kernel drop the resident pages of ``t``, a tensor read from the memory-mapped
+    checkpoint that the model no longer uses (clean file pages: a later read would fault them in
+    from the file again, so this never changes a value). Linux only; advisory."""
+    if not sys.platform.startswith("linux") or t.numel() == 0:
+        return
+    start = -(-t.data_ptr() // _PAGE) * _PAGE
+    end = (t.data_ptr() + t.numel() * t.element_size()) // _PAGE * _PAGE
+    if end > start:
+        try:
+            ctypes.CDLL(None).madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)
+        except (OSError, AttributeError):
+            pass
+
+
+def _own_memory(q: nn.Module, file_tensors: dict[str, torch.Tensor], weighted: list, ties: list[list[str]]) -> None:
+    """Move every tensor ``q`` took from the memory-mapped file into memory of its own, one at a
+    time, dropping the file's pages as it goes (so the model never holds the file resident beside
+    its own copy): quantized layers lay out their codes (:meth:`_prepare_runtime`), the other
+    tensors are copied."""
+    from_file = {t.data_ptr() for t in file_tensors.values() if t.numel()}
+    for m in weighted:
+        old = m._buffers.get("weight_codes")
+        if m.__dict__.pop("defer_runtime", False):
+            m._prepare_runtime()
+        if old is not None and m._buffers.get("weight_codes") is not old:
+            from_file.discard(old.data_ptr())
+            _drop_file_pages(old)
+    for module in q.modules():
+        for store in (module._parameters, module._buffers):
+            for name, t in list(store.items()):
+                if t is None or t.numel() == 0 or t.data_ptr() not in from_file:
+                    continue
+                copy_ = t.detach().clone()
+                store[name] = nn.Parameter(copy_, requires_grad=t.requires_grad) if store is module._parameters else copy_
+                _drop_file_pages(t)
+    _retie(q, ties)
+
+
+def _return_free_memory() -> None:
+    """Hand the heap's free pages back to the system (glibc ``malloc_trim``): loading frees many
+    mid-sized temporaries, which glibc otherwise keeps resident. No-op elsewhere."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None).malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+
+
+def _still_meta(q: nn.Module) -> list[str]:
+    return [n for n, t in list(q.named_parameters()) + list(q.named_buffers()) if t.device.type == "meta"]
+
+
 def load(path: str | os.PathLike, model_like: nn.Module) -> nn.Module:
     """Rebuild the quantized model saved at ``path`` on ``model_like`` (a float model of the same
     architecture, left untouched) and return it; its outputs are bit-identical to the saved model's.
+
+    ``model_like`` may be built on the ``meta`` device (``with torch.device("meta"): model = ...``
+    or transformers' empty-weights init): then only what the checkpoint holds is materialised (the
+    integer codes and the float tensors it stores: norms, biases, float layers, non-persistent
+    buffers such as rotary frequencies), on CPU, and a tensor the model needs but the checkpoint
+    lacks is an error naming it. A real ``model_like`` is copied first (two float models in memory
+    for a moment); a ``meta`` one costs nothing.
 
     Raises ``ValueError`` naming what differs if the file is truncated, not a lowbit checkpoint,
     or saved from a different architecture.
@@ -194,8 +289,25 @@ def load(path: str | os.PathLike, model_like: nn.Module) -> nn.Module:
     found = dict(quant_embeddings(q))
     for name, entry in tables.items():
         _rebuild_embedding(found[name], entry, specs, tensors, name)
+    buffers = [k for k in tensors if k.startswith(BUFFER_PREFIX)]
+    buffer_tensors = {k: tensors.pop(k) for k in buffers}
     _compare_keys(q.state_dict(), tensors, hint)
-    q.load_state_dict(tensors, strict=True)   # copies into model_like's tensors: ties and device are kept
+    weighted = [m for m in q.modules() if isinstance(m, (QuantLayer, QuantEmbedding))]
+    ties = _ties(q)
+    meta = any(t.device.type == "meta" for t in list(q.parameters()) + list(q.buffers()))
+    if meta:
+        for m in weighted:
+            m.defer_runtime = True
+        q.load_state_dict(tensors, strict=True, assign=True)   # the checkpoint's tensors become the model's
+        _retie(q, ties)
+        _fill_buffers(q, buffer_tensors, qmap.get("buffers", []))
+        missing = _still_meta(q)
+        if missing:
+            raise ValueError(f"model_like was built on the meta device and the checkpoint lacks tensors it needs: "
+                             f"{missing[:5]}{' ...' if len(missing) > 5 else ''}; build those modules on a real "
+                             "device, or save the checkpoint from a model that holds them")
+    else:
+        q.load_state_dict(tensors, strict=True)   # copies into model_like's tensors: ties and device are kept
     info = qmap.get("info")
     if info is not None:
         q.lowbit_info = QuantInfo(
@@ -206,4 +318,8 @@ def load(path: str | os.PathLike, model_like: nn.Module) -> nn.Module:
             embeddings=specs[info["embeddings"]] if info.get("embeddings") is not None else None,
             quantized_embeddings=list(tables))
     q.train(qmap.get("training", False))
+    if meta:
+        _own_memory(q, raw, weighted, ties)
+    del raw, tensors, buffer_tensors
+    _return_free_memory()
     return q

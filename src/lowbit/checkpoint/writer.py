@@ -16,7 +16,7 @@ from ..spec import QuantSpec
 from ..transforms.smooth_quant import SmoothedLinear
 from .atomic import atomic_write
 from .compact import compact
-from .fileformat import FORMAT_VERSION, META_KEY, dtype_name, spec_to_dict
+from .fileformat import BUFFER_PREFIX, FORMAT_VERSION, META_KEY, dtype_name, spec_to_dict
 
 __all__ = ["save"]
 
@@ -102,7 +102,25 @@ def _collect(q: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
             continue
         seen[sk] = key
         tensors[key] = value.detach().to("cpu").contiguous()
-    return tensors, {"implied": implied, "casts": casts, "aliases": aliases}
+    buffers = _non_persistent_buffers(q)
+    for key, value in buffers.items():
+        tensors[BUFFER_PREFIX + key] = value.detach().to("cpu").contiguous()
+    return tensors, {"implied": implied, "casts": casts, "aliases": aliases, "buffers": sorted(buffers)}
+
+
+def _non_persistent_buffers(q: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's own non-persistent buffers (e.g. rotary ``inv_freq``), which ``state_dict`` leaves
+    out: saved so that ``lb.load`` can fill them on a model built on the ``meta`` device. The
+    run-time buffers of quantized layers are derived from their codes and are not saved."""
+    out = {}
+    for name, module in q.named_modules():
+        if isinstance(module, (QuantLayer, QuantEmbedding)):
+            continue
+        for b in getattr(module, "_non_persistent_buffers_set", ()):
+            t = module._buffers.get(b)
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                out[f"{name}.{b}" if name else b] = t
+    return out
 
 
 def save(q: nn.Module, path: str | os.PathLike) -> Path:
