@@ -110,7 +110,9 @@ class QuantEmbedding(QuantWeight):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.frozen:
             flat = ids.reshape(-1)
-            if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.num_embeddings):
+            # checked eagerly (negative ids would index from the end); a compiled graph skips the host sync
+            if not torch.compiler.is_compiling() and flat.numel() and (
+                    int(flat.min()) < 0 or int(flat.max()) >= self.num_embeddings):
                 raise IndexError(f"index out of range in QuantEmbedding: ids must lie in [0, {self.num_embeddings})")
             rows = self._rows(flat)
             if rows is not None:

@@ -58,7 +58,9 @@ class Quantizer(nn.Module):
         return self.spec if self.training else self._eval_spec
 
     def fake_quantize(self, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
-        return ops.fake_quantize(x, self.active_spec(), scale, zero_point, ste=self.ste, generator=self.generator)
+        # qparams were checked when they were set (or come from choose_qparams): no host sync per call
+        return ops.fake_quantize(x, self.active_spec(), scale, zero_point, ste=self.ste, generator=self.generator,
+                                 validate=False)
 
     def extra_repr(self) -> str:
         return f"{self.spec}, ste={self.ste}" + ("" if self.enabled else ", disabled")
@@ -176,11 +178,21 @@ class ActQuantizer(Quantizer):
         if self.batches_seen == 0:
             return False
         scale, zero_point = self.observer.qparams()
-        self.scale, self.zero_point = scale.float(), zero_point.to(torch.int32)
+        self.set_qparams(scale, zero_point)
         return True
 
     def set_qparams(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
-        self.scale, self.zero_point = scale.detach().clone().float(), zero_point.detach().clone().to(torch.int32)
+        """Fix the grid (checked here, once: the forward does not check it again)."""
+        scale, zero_point = scale.detach().clone().float(), zero_point.detach().clone().to(torch.int32)
+        self._check_values(scale, zero_point)
+        self.scale, self.zero_point = scale, zero_point
+
+    def _check_values(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+        if not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
+            raise ValueError(f"activation scale must be finite and > 0 everywhere, got {scale.min().item():g} "
+                             "(did calibration see only non-finite or constant values?)")
+        if zero_point.numel() and (int(zero_point.min()) < self.spec.qmin or int(zero_point.max()) > self.spec.qmax):
+            raise ValueError(f"activation zero_point must lie in [{self.spec.qmin}, {self.spec.qmax}] for {self.spec}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled or not x.is_floating_point() or x.numel() == 0:

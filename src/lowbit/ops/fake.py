@@ -77,12 +77,14 @@ class _FakeQuantize(torch.autograd.Function):
 
 
 def fake_quantize(x: torch.Tensor, spec: QuantSpec, scale, zero_point, ste: str = "identity",
-                  generator: torch.Generator | None = None) -> torch.Tensor:
+                  generator: torch.Generator | None = None, validate: bool = True) -> torch.Tensor:
     """``dequantize(quantize(x))`` in one float op, differentiable by the straight-through estimator.
 
     Args:
         ste: ``"identity"`` or ``"clipped"`` (zero gradient where ``x`` saturated).
         generator: for ``spec.rounding == "stochastic"``, a seeded ``torch.Generator``.
+        validate: check the values of ``scale``/``zero_point`` (a host synchronisation); callers
+            that checked them when they were set pass False.
 
     Returns a tensor of ``x``'s dtype. See the module docstring for the gradients.
     """
@@ -94,7 +96,7 @@ def fake_quantize(x: torch.Tensor, spec: QuantSpec, scale, zero_point, ste: str 
         s, z = prepare_qparams(x, spec, scale, zero_point)  # draws one random number per element of x
         xv, finish = x, None
     else:
-        xv, s, z, finish = grid_operands(x, spec, scale, zero_point)
+        xv, s, z, finish = grid_operands(x, spec, scale, zero_point, validate=validate)
     learn = isinstance(scale, torch.Tensor) and scale.requires_grad and torch.is_grad_enabled()
     if not learn:
         s = s.detach()

@@ -44,12 +44,12 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def _validated(x_shape: torch.Size, device: torch.device, spec: QuantSpec, scale, zero_point,
-               dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+               dtype: torch.dtype, validate: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     if not isinstance(spec, QuantSpec):
         raise TypeError(f"spec must be a lowbit.QuantSpec, got {type(spec).__name__}")
     scale = as_param(scale, "scale", dtype, device)
     zero_point = as_param(zero_point, "zero_point", torch.int32, device)
-    check_qparams(x_shape, spec, scale, zero_point)
+    check_qparams(x_shape, spec, scale, zero_point, values=validate)
     return scale, zero_point
 
 
@@ -71,7 +71,7 @@ def _identity(r: torch.Tensor) -> torch.Tensor:
 
 
 def grid_operands(x: torch.Tensor, spec: QuantSpec, scale, zero_point, z_dtype: torch.dtype | None = None,
-                  dtype: torch.dtype | None = None):
+                  dtype: torch.dtype | None = None, validate: bool = True):
     """Validate the parameters and lay ``x`` out so that they broadcast without being expanded.
 
     Returns ``(xv, s, z, finish)``: ``xv`` is ``x`` flattened (PerTensor), as is (PerChannel,
@@ -81,7 +81,7 @@ def grid_operands(x: torch.Tensor, spec: QuantSpec, scale, zero_point, z_dtype: 
     shaped like ``xv`` back into ``x``'s shape. Differentiable in ``x`` and ``scale``.
     """
     dtype = dtype or _compute_dtype(x)
-    scale, zero_point = _validated(x.shape, x.device, spec, scale, zero_point, dtype)
+    scale, zero_point = _validated(x.shape, x.device, spec, scale, zero_point, dtype, validate)
     scale = scale.to(device=x.device, dtype=dtype)
     zero_point = zero_point.to(device=x.device, dtype=z_dtype or dtype)
     g = spec.granularity
@@ -147,11 +147,12 @@ def quantize(x: torch.Tensor, spec: QuantSpec, scale, zero_point,
     return finish(q)
 
 
-def dequantize(q: torch.Tensor, spec: QuantSpec, scale, zero_point) -> torch.Tensor:
+def dequantize(q: torch.Tensor, spec: QuantSpec, scale, zero_point, validate: bool = True) -> torch.Tensor:
     """``(q - zero_point) * scale`` in the scale's dtype (float32 for a Python number).
 
     The product is computed in float32 (float64 for a float64 scale) and rounded once to the
-    scale's dtype, as ONNX Runtime does for float16 scales.
+    scale's dtype, as ONNX Runtime does for float16 scales. ``validate=False`` skips the checks of
+    the qparams' values (for callers that checked them once, e.g. :class:`lowbit.QTensor`).
     """
     if not isinstance(q, torch.Tensor):
         raise TypeError(f"q must be a torch.Tensor, got {type(q).__name__}")
@@ -160,7 +161,7 @@ def dequantize(q: torch.Tensor, spec: QuantSpec, scale, zero_point) -> torch.Ten
     scale_t = as_param(scale, "scale", torch.float32, q.device)
     out_dtype = scale_t.dtype if scale_t.is_floating_point() else torch.float32
     dtype = torch.float64 if out_dtype == torch.float64 else torch.float32
-    qv, s, z, finish = grid_operands(q, spec, scale_t, zero_point, dtype=dtype)
+    qv, s, z, finish = grid_operands(q, spec, scale_t, zero_point, dtype=dtype, validate=validate)
     if scale_t.requires_grad and torch.is_grad_enabled():  # differentiable in the scale
         y = (qv.to(dtype) - z) * s                          # q - z is exact in float
     else:

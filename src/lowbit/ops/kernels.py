@@ -153,7 +153,8 @@ def empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """``torch.empty``; a large CPU buffer gets ``MADV_HUGEPAGE`` on its 2 MiB-aligned interior."""
     out = torch.empty(shape, dtype=dtype, device=device)
     nbytes = out.numel() * out.element_size()
-    if _madvise is not None and out.device.type == "cpu" and nbytes >= 4 * _HUGE:
+    if (_madvise is not None and out.device.type == "cpu" and nbytes >= 4 * _HUGE
+            and not torch.compiler.is_compiling()):
         start = -(-out.data_ptr() // _HUGE) * _HUGE
         end = (out.data_ptr() + nbytes) // _HUGE * _HUGE
         if end > start:

@@ -74,11 +74,14 @@ def as_param(value: torch.Tensor | float | int, name: str, dtype: torch.dtype | 
     return torch.tensor(float(value), dtype=dtype, device=device)
 
 
-def check_qparams(x_shape: torch.Size, spec: QuantSpec, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+def check_qparams(x_shape: torch.Size, spec: QuantSpec, scale: torch.Tensor, zero_point: torch.Tensor,
+                  values: bool = True) -> None:
     """Raise ``ValueError`` unless scale/zero_point fit ``spec`` and a tensor of ``x_shape``.
 
-    Checks: shapes (ONNX convention, a one-element tensor is accepted for PerTensor), scale
-    finite and > 0, zero point integral and inside ``[qmin, qmax]``.
+    Checks: shapes (ONNX convention, a one-element tensor is accepted for PerTensor), and with
+    ``values`` (a host synchronisation) scale finite and > 0, zero point integral and inside
+    ``[qmin, qmax]``. Modules check values once, when their qparams are set, and pass
+    ``values=False`` on every forward (which also keeps ``torch.compile`` graphs whole).
     """
     expected = spec.param_shape(x_shape)
     for name, p in (("scale", scale), ("zero_point", zero_point)):
@@ -90,6 +93,8 @@ def check_qparams(x_shape: torch.Size, spec: QuantSpec, scale: torch.Tensor, zer
             )
     if not scale.is_floating_point():
         raise TypeError(f"scale must be a floating-point tensor, got {scale.dtype}")
+    if not values:
+        return
     s = scale.detach()
     if not bool(torch.isfinite(s).all()) or not bool((s > 0).all()):
         raise ValueError(f"scale must be finite and > 0 everywhere, got min {s.min().item():g}")
