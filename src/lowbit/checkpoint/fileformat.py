@@ -108,3 +108,43 @@ def read_quant_map(path: str | os.PathLike) -> dict:
     qmap.setdefault("embeddings", {})   # files before version 3 hold no quantized embedding tables
     return qmap
 
+
+
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+if hasattr(torch, "uint16"):
+    _ST_DTYPES["U16"] = torch.uint16
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the safetensors file at ``path``, each read into memory of its own (plain
+    reads, no memory map: a tensor the caller drops is gone, and no page of the file stays mapped).
+    Raises ``ValueError`` naming the tensor if the file is damaged."""
+    header, _ = read_header(path)
+    with path.open("rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        base = 8 + n
+        out = {}
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            try:
+                dtype = _ST_DTYPES[entry["dtype"]]
+                shape = [int(d) for d in entry["shape"]]
+                start, end = (int(v) for v in entry["data_offsets"])
+            except (KeyError, TypeError, ValueError) as e:
+                raise ValueError(f"{str(path)!r}: tensor {name!r} has a malformed header entry ({e!r})") from e
+            numel = 1
+            for d in shape:
+                numel *= d
+            if end - start != numel * torch.empty(0, dtype=dtype).element_size():
+                raise ValueError(f"{str(path)!r}: tensor {name!r} has {end - start} bytes for shape {shape}; the file "
+                                 "is damaged")
+            buf = bytearray(end - start)
+            f.seek(base + start)
+            if f.readinto(buf) != len(buf):
+                raise ValueError(f"{str(path)!r} is truncated: tensor {name!r} is cut off")
+            t = torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)
+            out[name] = t.reshape(shape)
+    return out

@@ -19,7 +19,7 @@ from ..qtensor import QTensor
 from ..modules.tree import set_module
 from ..quantize import QuantInfo, quant_embeddings, quant_layers, quantize
 from ..transforms.smooth_quant import SmoothedLinear
-from .fileformat import BUFFER_PREFIX, dtype_name, read_quant_map, spec_from_dict
+from .fileformat import BUFFER_PREFIX, dtype_name, read_quant_map, read_tensors, spec_from_dict
 
 __all__ = ["load"]
 
@@ -176,47 +176,20 @@ def _fill_buffers(q: nn.Module, raw: dict[str, torch.Tensor], names: list[str]) 
             module._buffers[attr] = raw[BUFFER_PREFIX + name].to(current.dtype)
 
 
-_PAGE = 4096
-_MADV_DONTNEED = 4
-
-
-def _drop_file_pages(t: torch.Tensor) -> None:
-    """Let the kernel drop the resident pages of ``t``, a tensor read from the memory-mapped
-    checkpoint that the model no longer uses (clean file pages: a later read would fault them in
-    from the file again, so this never changes a value). Linux only; advisory."""
-    if not sys.platform.startswith("linux") or t.numel() == 0:
-        return
-    start = -(-t.data_ptr() // _PAGE) * _PAGE
-    end = (t.data_ptr() + t.numel() * t.element_size()) // _PAGE * _PAGE
-    if end > start:
-        try:
-            ctypes.CDLL(None).madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)
-        except (OSError, AttributeError):
-            pass
-
-
-def _own_memory(q: nn.Module, file_tensors: dict[str, torch.Tensor], weighted: list, ties: list[list[str]]) -> None:
-    """Move every tensor ``q`` took from the memory-mapped file into memory of its own, one at a
-    time, dropping the file's pages as it goes (so the model never holds the file resident beside
-    its own copy): quantized layers lay out their codes (:meth:`_prepare_runtime`), the other
-    tensors are copied."""
-    from_file = {t.data_ptr() for t in file_tensors.values() if t.numel()}
+def _lay_out_codes(weighted: list, dicts: tuple[dict, ...]) -> None:
+    """Lay out each quantized layer's codes for its kernel, one layer at a time, dropping the
+    file's copy of its codes as it goes (so the codes are never in memory twice)."""
     for m in weighted:
         old = m._buffers.get("weight_codes")
-        if m.__dict__.pop("defer_runtime", False):
-            m._prepare_runtime()
+        if not m.__dict__.pop("defer_runtime", False):
+            continue
+        m._prepare_runtime()
         if old is not None and m._buffers.get("weight_codes") is not old:
-            from_file.discard(old.data_ptr())
-            _drop_file_pages(old)
-    for module in q.modules():
-        for store in (module._parameters, module._buffers):
-            for name, t in list(store.items()):
-                if t is None or t.numel() == 0 or t.data_ptr() not in from_file:
-                    continue
-                copy_ = t.detach().clone()
-                store[name] = nn.Parameter(copy_, requires_grad=t.requires_grad) if store is module._parameters else copy_
-                _drop_file_pages(t)
-    _retie(q, ties)
+            for d in dicts:
+                for key in [k for k, t in d.items() if t is old]:
+                    del d[key]
+            del old
+            _return_free_memory()   # the freed codes and temporaries, before the next layer's
 
 
 def _return_free_memory() -> None:
@@ -254,8 +227,11 @@ def load(path: str | os.PathLike, model_like: nn.Module) -> nn.Module:
                          "got an already quantized model")
     path = Path(path)
     qmap = read_quant_map(path)
-    try:
-        raw = safetensors.torch.load_file(str(path))
+    meta = any(t.device.type == "meta" for t in list(model_like.parameters()) + list(model_like.buffers()))
+    try:   # into a meta model: plain reads (no memory map that would keep the file resident)
+        raw = read_tensors(path) if meta else safetensors.torch.load_file(str(path))
+    except ValueError:
+        raise
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error type
         raise ValueError(f"{str(path)!r} could not be read as safetensors (damaged file?): {e}") from e
     try:
@@ -294,7 +270,6 @@ def load(path: str | os.PathLike, model_like: nn.Module) -> nn.Module:
     _compare_keys(q.state_dict(), tensors, hint)
     weighted = [m for m in q.modules() if isinstance(m, (QuantLayer, QuantEmbedding))]
     ties = _ties(q)
-    meta = any(t.device.type == "meta" for t in list(q.parameters()) + list(q.buffers()))
     if meta:
         for m in weighted:
             m.defer_runtime = True
@@ -319,7 +294,7 @@ def load(path: str | os.PathLike, model_like: nn.Module) -> nn.Module:
             quantized_embeddings=list(tables))
     q.train(qmap.get("training", False))
     if meta:
-        _own_memory(q, raw, weighted, ties)
+        _lay_out_codes(weighted, (raw, tensors))
     del raw, tensors, buffer_tensors
     _return_free_memory()
     return q

@@ -44,7 +44,7 @@ class QuantLinear(QuantLayer):
 
     float_type = nn.Linear
     kernel_max_rows = 16   # inputs with more rows are compute-bound: dequantize + float GEMM
-    dequantize_tile = 1 << 22   # int4 layers larger than this dequantize tile by tile (float elements)
+    dequantize_tile = 1 << 20   # frozen layers larger than this dequantize tile by tile (float elements)
 
     def __init__(self, in_features: int, out_features: int, weight, bias, weight_quant, input_quant) -> None:
         super().__init__(weight, bias, weight_quant, input_quant)
@@ -126,10 +126,12 @@ class QuantLinear(QuantLayer):
     def quantized_weight(self) -> torch.Tensor:
         if self.runtime != "int4":
             return super().quantized_weight()
-        return self._int4_rows(0, self.out_features)
+        return self._weight_rows(0, self.out_features)
 
-    def _int4_rows(self, start: int, stop: int) -> torch.Tensor:
-        """Rows ``start:stop`` (multiples of 64) of the weight, from the tiled codes: ``(u - c - z) * s``."""
+    def _weight_rows(self, start: int, stop: int) -> torch.Tensor | None:
+        """Rows ``start:stop`` of the weight; from the tiled codes (``(u - c - z) * s``) for int4."""
+        if self.runtime != "int4":
+            return super()._weight_rows(start, stop)
         n, k = self._gemm_shape()
         group, offset = self._int4
         tiles = self.weight_codes.reshape(n, k // 2)[start:stop]
@@ -138,13 +140,17 @@ class QuantLinear(QuantLayer):
         w = (u.float() - (z + offset)) * self.weight_scale.reshape(n, -1)[start:stop].float().unsqueeze(-1)
         return w.reshape(stop - start, k).to(self._weight_dtype)
 
-    def _linear_by_tiles(self, x: torch.Tensor) -> torch.Tensor:
+    def _linear_by_tiles(self, x: torch.Tensor) -> torch.Tensor | None:
         """``F.linear`` with the weight dequantized :attr:`dequantize_tile` elements at a time (the
         float weight never exists whole: a large layer costs a tile of float memory, not 4 bytes
-        per weight)."""
+        per weight); None where the grid does not split by rows."""
         rows = max(64, self.dequantize_tile // self.in_features // 64 * 64)
-        parts = [F.linear(x, self._int4_rows(r, min(r + rows, self.out_features)))
-                 for r in range(0, self.out_features, rows)]
+        parts = []
+        for r in range(0, self.out_features, rows):
+            w = self._weight_rows(r, min(r + rows, self.out_features))
+            if w is None:
+                return None
+            parts.append(F.linear(x, w))
         y = torch.cat(parts, dim=-1)
         return y if self.bias is None else y + self.bias
 
@@ -158,9 +164,14 @@ class QuantLinear(QuantLayer):
             else:
                 y = weight_only.int8_mm(x, self.weight_codes, self.weight_kscale, self.weight_zterm)
             return y if self.bias is None else y + self.bias
-        if (runtime == "int4" and self.out_features * self.in_features > self.dequantize_tile
+        if (self.frozen and self.out_features * self.in_features > self.dequantize_tile
                 and not torch.is_grad_enabled()):
-            return self._linear_by_tiles(x)
+            if self.input_quant is not None:
+                x = self.input_quant(x)
+            y = self._linear_by_tiles(x)
+            if y is not None:
+                return y
+            return self.op(x, self.quantized_weight(), self.bias)
         return super().forward(x)
 
     @classmethod

@@ -15,7 +15,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..ops import packing
 from ..qtensor import QTensor
+from ..spec import PerChannel, PerGroup
 from .quantizer import WeightQuantizer
 
 __all__ = ["QuantWeight"]
@@ -78,6 +80,29 @@ class QuantWeight(nn.Module):
             return self.weight_quant(self.weight)
         # rebuilt per call and not kept: a frozen model is its codes (a cache would be a float copy)
         return self.qweight.dequantize().reshape(self._weight_shape).to(self._weight_dtype)
+
+    def _weight_rows(self, start: int, stop: int) -> torch.Tensor | None:
+        """Rows ``start:stop`` of the frozen weight's 2-D view, dequantized (float, the weight's
+        dtype), without building the rest; None where the grid does not split by rows."""
+        spec = self.weight_quant.spec
+        g = spec.granularity
+        n, k = self._codes_shape()
+        codes = self._stored_codes()
+        packed = codes.dtype == torch.uint8 and spec.bits <= 4
+        if packed:
+            per_byte = 8 // packing.container_bits(spec.bits)
+            if k % per_byte:
+                return None
+            codes = codes.reshape(n, k // per_byte)[start:stop].reshape(-1)
+        else:
+            codes = codes[start:stop]
+        scale, zp = self.weight_scale, self.weight_zero_point
+        if scale.dim():
+            if (isinstance(g, PerChannel) and g.axis % 2 != 0) or (isinstance(g, PerGroup) and g.axis % 2 != 1):
+                return None
+            scale, zp = scale[start:stop], zp[start:stop]
+        q = QTensor(codes, scale, zp, spec, (stop - start, k), packed)
+        return q.dequantize().to(self._weight_dtype)
 
     @property
     def qweight(self) -> QTensor:

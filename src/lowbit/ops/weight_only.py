@@ -66,12 +66,17 @@ def int4_untile(packed: torch.Tensor, k: int) -> torch.Tensor:
 def onnx_to_int4_tiles(packed: torch.Tensor, n: int, k: int, signed: bool) -> torch.Tensor:
     """lowbit's stored 4-bit codes (ONNX layout: row-major, two per byte, low nibble first, two's
     complement if ``signed``) straight to :func:`int4_tiles` of the offset nibbles ``u = q + 8``
-    (signed) or ``u = q`` (unsigned), in uint8 arithmetic (about 2 bytes of temporaries per weight)."""
-    b = packed.reshape(n, k // 2)
-    if signed:
-        b = b ^ 0x88                      # q & 15 -> (q + 8) & 15 in both nibbles
-    u = torch.stack((b & 15, b >> 4), dim=-1).reshape(n, k)
-    return int4_tiles(u)
+    (signed) or ``u = q`` (unsigned), in uint8 arithmetic (temporaries of about 1 MiB at a time)."""
+    src = packed.reshape(n, k // 2)
+    out = torch.empty(n, k // 2, dtype=torch.uint8, device=packed.device)
+    rows = max(INT4_TILE, (1 << 20) // max(k, 1) // INT4_TILE * INT4_TILE)   # ~1 MiB of temporaries at a time
+    for r in range(0, n, rows):
+        b = src[r:r + rows]
+        if signed:
+            b = b ^ 0x88                  # q & 15 -> (q + 8) & 15 in both nibbles
+        u = torch.stack((b & 15, b >> 4), dim=-1).reshape(b.shape[0], k)
+        out[r:r + rows] = int4_tiles(u)
+    return out
 
 
 def int4_tiles_to_onnx(tiles: torch.Tensor, n: int, k: int, signed: bool) -> torch.Tensor:
