@@ -19,7 +19,8 @@ picks for this CPU, and (full run) in both forced formats, u8s8 and u8u8 (exact 
 
     python benchmarks/bench_fast.py [--repeats 3] [--threads 2] [--sentences 512] [--quick] [--json]
 
-``--quick``: 128 sentences, one repeat, no slow or weight-only rows (a smoke run).
+``--quick``: 128 sentences, one repeat, no slow or weight-only rows (a smoke run). ``--w8a8-only``:
+full size, but only float, the peers and lowbit's W8A8 ONNX Runtime rows.
 """
 from __future__ import annotations
 
@@ -48,6 +49,8 @@ def main() -> None:
     ap.add_argument("--sentences", type=int, default=512)
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--quick", action="store_true", help="128 sentences, 1 repeat, W8A8 and peers only")
+    ap.add_argument("--w8a8-only", action="store_true",
+                    help="float, the peers and lowbit's W8A8 ONNX Runtime paths only (no slow or 4-bit rows)")
     args = ap.parse_args()
     if args.quick:
         args.sentences, args.repeats = min(args.sentences, 128), 1
@@ -114,14 +117,12 @@ def main() -> None:
             add(f"lowbit W8A8 fast ort ({forced}, forced)", lb.integer.fast(
                 w8a8, backend="ort", example_inputs=example, threads=args.threads, int8_format=forced),
                 "exact on every CPU" if forced == "u8u8" else "exact with VNNI/AMX")
+    if not (args.quick or args.w8a8_only):
         add("lowbit W8A8 ONNX Runtime QDQ", ort_module(w8a8, example, threads=args.threads), "export_onnx graph")
-    add("lowbit W8A8 fast torch (_int_mm)", lb.integer.fast(w8a8, backend="torch"))
-    if args.quick:
-        paths_w4 = False
-    else:
-        paths_w4 = True
+    if not args.w8a8_only:
+        add("lowbit W8A8 fast torch (_int_mm)", lb.integer.fast(w8a8, backend="torch"))
+    if not (args.quick or args.w8a8_only):
         add("lowbit W8A8 frozen (torch, fake-quant)", w8a8, "one run", 1)
-    if paths_w4:
         # lowbit W4 g128 weight-only
         w4 = lb.freeze(lb.quantize(bert, weights=lb.QuantSpec(4, granularity=lb.PerGroup(128))))
         w4_path = os.path.join(tmp, "w4.onnx")

@@ -176,3 +176,25 @@ def test_this_machine_probe_agrees_with_its_flags():
     if info.known:
         assert probe == info.u8s8_saturates, info.describe()
     assert cpu.u8s8_exact_here() == (not probe)
+
+
+def test_int_mm_that_saturates_falls_back_to_exact_and_says_so_once(monkeypatch, caplog):
+    """lowbit's exact integer GEMM (to_integer, fast(backend="torch")) probes torch._int_mm once; a
+    kernel that saturated like VPMADDUBSW would be replaced by the int32 matmul, with one warning."""
+    import torch
+
+    from lowbit.ops import integer_math
+
+    def saturating_int_mm(a, b):
+        return torch.from_numpy(vpmaddubsw_dot((a.numpy().astype(np.int16) + 128).astype(np.uint8), b.numpy())
+                                - 128 * b.numpy().astype(np.int64).sum(0)).to(torch.int32)
+
+    monkeypatch.setattr(torch, "_int_mm", saturating_int_mm)
+    monkeypatch.setattr(integer_math, "_INT_MM", {})
+    a = torch.full((3, 64), 127, dtype=torch.int8)
+    b = torch.full((64, 2), -128, dtype=torch.int8)
+    with caplog.at_level("WARNING", logger="lowbit.ops.integer_math"):
+        for _ in range(2):
+            got = integer_math.int_matmul(a, b)
+            assert (got.to(torch.int64) == a.to(torch.int64) @ b.to(torch.int64)).all()
+    assert len([r for r in caplog.records if "_int_mm" in r.getMessage()]) == 1
