@@ -107,11 +107,9 @@ def main() -> None:
     # lowbit W8A8: int8 per-channel weights, int8 dynamic per-token activations
     w8a8 = lb.freeze(lb.quantize(bert, weights=lb.QuantSpec(8, granularity=lb.PerChannel(0)),
                                  activations=lb.QuantSpec(8, dynamic=True, granularity=lb.PerToken())))
-    fmt = {}
     ort_fast = lb.integer.fast(w8a8, backend="ort", example_inputs=example, threads=args.threads)
-    chosen = "u8s8" if lb.integer.cpu.u8s8_exact_here() else "u8u8"
+    chosen = lb.integer.cpu.check_format(None) or ("u8s8" if lb.integer.cpu.u8s8_exact_here() else "u8u8")
     add(f"lowbit W8A8 fast ort ({chosen}, chosen)", ort_fast, "MatMulIntegerToFloat, per-token")
-    fmt["chosen"] = chosen
     if not args.quick:
         for forced in lb.integer.cpu.FORMATS:
             add(f"lowbit W8A8 fast ort ({forced}, forced)", lb.integer.fast(
@@ -171,7 +169,7 @@ def main() -> None:
               "met": lowbit_row["vs_best_peer"] >= 1.0 and lowbit_row["cosine_mean"] >= 0.995}
     header = {"cpu": info.describe(), "cpu_model": info.model, "torch_cpu_capability": info.torch_capability,
               "int8_class": info.int8_class, "u8s8_exact_here": lb.integer.cpu.u8s8_exact_here(),
-              "chosen_int8_format": fmt["chosen"], "threads": args.threads, "torch": torch.__version__,
+              "chosen_int8_format": chosen, "threads": args.threads, "torch": torch.__version__,
               "onnxruntime": ort_version}
     if args.json:
         json.dump({"header": header, "sentences": len(texts), "threads": args.threads, "repeats": args.repeats,
@@ -179,7 +177,7 @@ def main() -> None:
         print()
         return
     print(f"CPU: {info.describe()}")
-    print(f"torch {torch.__version__}, onnxruntime {ort_version}; ONNX Runtime int8 format chosen here: {fmt['chosen']}")
+    print(f"torch {torch.__version__}, onnxruntime {ort_version}; ONNX Runtime int8 format chosen here: {chosen}")
     print(f"MiniLM encode of {len(texts)} sentences, {args.threads} threads, median of {args.repeats}")
     print(f"{'path':44s} {'wall s':>7s} {'cpu s':>7s} {'x float':>7s} {'x cpu':>7s} {'x peer':>7s} {'cosine':>8s}  note")
     for r in rows:
