@@ -11,7 +11,16 @@ of machine load affects all of them alike; the slow frozen (fake-quantized) path
         frozen (fake-quantized torch) | fast torch (_int_mm) | ONNX Runtime QDQ | fast ort (MatMulInteger)
     lowbit W4 g128 weight-only: frozen | fast torch (dequantized once) | ORT MatMulNBits (exact / accuracy 4)
 
-    python benchmarks/bench_fast.py [--repeats 3] [--threads 2] [--json]
+The header names the CPU (model, ``torch.backends.cpu.get_cpu_capability()``, its int8 class: does
+ONNX Runtime's u8 x s8 GEMM saturate here, see ``lowbit.integer.cpu``), the threads and the
+versions. Each lowbit W8A8 row is also given as a ratio to the best peer int8 path (torch or ONNX
+Runtime ``quantize_dynamic``) of the same run; the fast ort path runs in the int8 format lowbit
+picks for this CPU, and (full run) in both forced formats, u8s8 and u8u8 (exact on every CPU).
+
+    python benchmarks/bench_fast.py [--repeats 3] [--threads 2] [--sentences 512] [--quick] [--json]
+
+``--quick``: 128 sentences, one repeat, no slow or weight-only rows (a smoke run). ``--w8a8-only``:
+full size, but only float, the peers and lowbit's W8A8 ONNX Runtime rows.
 """
 from __future__ import annotations
 
@@ -39,9 +48,19 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--sentences", type=int, default=512)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="128 sentences, 1 repeat, W8A8 and peers only")
+    ap.add_argument("--w8a8-only", action="store_true",
+                    help="float, the peers and lowbit's W8A8 ONNX Runtime paths only (no slow or 4-bit rows)")
     args = ap.parse_args()
+    if args.quick:
+        args.sentences, args.repeats = min(args.sentences, 128), 1
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
+    import onnxruntime
+
+    info = lb.integer.cpu.cpu_info()
+    ort_version = onnxruntime.__version__
+    print(f"CPU: {info.describe()}", file=sys.stderr, flush=True)
     texts = zoo.sentences()[: args.sentences]
     st = zoo.load_minilm()
     bert = zoo.transformer_of(st)
@@ -78,31 +97,40 @@ def main() -> None:
     add("float ONNX Runtime", OrtModule(float_path, spec, args.threads, config=bert.config))
     # peers
     qd = torch.ao.quantization.quantize_dynamic(copy.deepcopy(bert), {nn.Linear}, dtype=torch.qint8)
-    add("torch quantize_dynamic int8 (fbgemm)", qd, "per-tensor activations")
+    add("torch quantize_dynamic int8 (fbgemm)", qd, "peer: per-tensor activations")
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     ort_dyn = os.path.join(tmp, "ort_dynamic.onnx")
     quantize_dynamic(float_path, ort_dyn, weight_type=QuantType.QInt8)
     add("ONNX Runtime quantize_dynamic int8", OrtModule(ort_dyn, spec, args.threads, config=bert.config),
-        "per-tensor activations")
+        "peer: per-tensor activations")
     # lowbit W8A8: int8 per-channel weights, int8 dynamic per-token activations
     w8a8 = lb.freeze(lb.quantize(bert, weights=lb.QuantSpec(8, granularity=lb.PerChannel(0)),
                                  activations=lb.QuantSpec(8, dynamic=True, granularity=lb.PerToken())))
-    add("lowbit W8A8 fast ort (MatMulInteger)",
-        lb.integer.fast(w8a8, backend="ort", example_inputs=example, threads=args.threads), "integer=True graph")
-    add("lowbit W8A8 ONNX Runtime QDQ", ort_module(w8a8, example, threads=args.threads), "export_onnx graph")
-    add("lowbit W8A8 fast torch (_int_mm)", lb.integer.fast(w8a8, backend="torch"))
-    add("lowbit W8A8 frozen (torch, fake-quant)", w8a8, "one run", 1)
-    # lowbit W4 g128 weight-only
-    w4 = lb.freeze(lb.quantize(bert, weights=lb.QuantSpec(4, granularity=lb.PerGroup(128))))
-    w4_path = os.path.join(tmp, "w4.onnx")
-    lb.export.export_onnx(w4, example, w4_path)
-    add("lowbit W4g128 ORT MatMulNBits (exact)", OrtModule(w4_path, spec, args.threads, True, bert.config),
-        "accuracy_level 1")
-    add("lowbit W4g128 ORT MatMulNBits (accuracy 4)", OrtModule(w4_path, spec, args.threads, False, bert.config),
-        "int8 activations per block of 32")
-    add("lowbit W4g128 fast torch (dequantized once)", lb.integer.fast(w4, backend="torch"))
-    add("lowbit W4g128 frozen (torch)", w4, "one run; unpacks weights each call", 1)
+    ort_fast = lb.integer.fast(w8a8, backend="ort", example_inputs=example, threads=args.threads)
+    chosen = lb.integer.cpu.check_format(None) or ("u8s8" if lb.integer.cpu.u8s8_exact_here() else "u8u8")
+    add(f"lowbit W8A8 fast ort ({chosen}, chosen)", ort_fast, "MatMulIntegerToFloat, per-token")
+    if not args.quick:
+        for forced in lb.integer.cpu.FORMATS:
+            add(f"lowbit W8A8 fast ort ({forced}, forced)", lb.integer.fast(
+                w8a8, backend="ort", example_inputs=example, threads=args.threads, int8_format=forced),
+                "exact on every CPU" if forced == "u8u8" else "exact with VNNI/AMX")
+    if not (args.quick or args.w8a8_only):
+        add("lowbit W8A8 ONNX Runtime QDQ", ort_module(w8a8, example, threads=args.threads), "export_onnx graph")
+    if not args.w8a8_only:
+        add("lowbit W8A8 fast torch (_int_mm)", lb.integer.fast(w8a8, backend="torch"))
+    if not (args.quick or args.w8a8_only):
+        add("lowbit W8A8 frozen (torch, fake-quant)", w8a8, "one run", 1)
+        # lowbit W4 g128 weight-only
+        w4 = lb.freeze(lb.quantize(bert, weights=lb.QuantSpec(4, granularity=lb.PerGroup(128))))
+        w4_path = os.path.join(tmp, "w4.onnx")
+        lb.export.export_onnx(w4, example, w4_path)
+        add("lowbit W4g128 ORT MatMulNBits (exact)", OrtModule(w4_path, spec, args.threads, True, bert.config),
+            "accuracy_level 1")
+        add("lowbit W4g128 ORT MatMulNBits (accuracy 4)", OrtModule(w4_path, spec, args.threads, False, bert.config),
+            "int8 activations per block of 32")
+        add("lowbit W4g128 fast torch (dequantized once)", lb.integer.fast(w4, backend="torch"))
+        add("lowbit W4g128 frozen (torch)", w4, "one run; unpacks weights each call", 1)
 
     # round robin: every path runs once per round, so a change of machine load hits all alike
     times: dict[str, list[tuple[float, float]]] = {name: [] for name, *_ in paths}
@@ -129,19 +157,35 @@ def main() -> None:
                      "runs": len(times[name])})
     base = rows[0]["wall_s"]
     base_cpu = rows[0]["cpu_s"]
+    peers = [r for r in rows if r["note"].startswith("peer")]
+    best_peer = min(peers, key=lambda r: r["wall_s"])
     for r in rows:
         r["speedup_wall"] = base / r["wall_s"]
         r["speedup_cpu"] = base_cpu / r["cpu_s"]
+        r["vs_best_peer"] = best_peer["wall_s"] / r["wall_s"]
+    lowbit_row = next(r for r in rows if r["path"].startswith("lowbit W8A8 fast ort") and "chosen" in r["path"])
+    target = {"lowbit_path": lowbit_row["path"], "best_peer": best_peer["path"],
+              "ratio_vs_best_peer": lowbit_row["vs_best_peer"], "cosine": lowbit_row["cosine_mean"],
+              "met": lowbit_row["vs_best_peer"] >= 1.0 and lowbit_row["cosine_mean"] >= 0.995}
+    header = {"cpu": info.describe(), "cpu_model": info.model, "torch_cpu_capability": info.torch_capability,
+              "int8_class": info.int8_class, "u8s8_exact_here": lb.integer.cpu.u8s8_exact_here(),
+              "chosen_int8_format": chosen, "threads": args.threads, "torch": torch.__version__,
+              "onnxruntime": ort_version}
     if args.json:
-        json.dump({"sentences": len(texts), "threads": args.threads, "repeats": args.repeats, "rows": rows}, sys.stdout,
-                  indent=2)
+        json.dump({"header": header, "sentences": len(texts), "threads": args.threads, "repeats": args.repeats,
+                   "rows": rows, "target": target}, sys.stdout, indent=2)
         print()
         return
+    print(f"CPU: {info.describe()}")
+    print(f"torch {torch.__version__}, onnxruntime {ort_version}; ONNX Runtime int8 format chosen here: {chosen}")
     print(f"MiniLM encode of {len(texts)} sentences, {args.threads} threads, median of {args.repeats}")
-    print(f"{'path':44s} {'wall s':>7s} {'cpu s':>7s} {'x wall':>7s} {'x cpu':>7s} {'cosine':>8s}")
+    print(f"{'path':44s} {'wall s':>7s} {'cpu s':>7s} {'x float':>7s} {'x cpu':>7s} {'x peer':>7s} {'cosine':>8s}  note")
     for r in rows:
         print(f"{r['path']:44s} {r['wall_s']:7.2f} {r['cpu_s']:7.2f} {r['speedup_wall']:7.2f} {r['speedup_cpu']:7.2f} "
-              f"{r['cosine_mean']:8.5f}")
+              f"{r['vs_best_peer']:7.2f} {r['cosine_mean']:8.5f}  {r['note']}")
+    print(f"x peer = best peer's wall time / this path's ({best_peer['path']}). Target: {target['lowbit_path']} "
+          f"{target['ratio_vs_best_peer']:.2f}x the best peer at cosine {target['cosine']:.5f} -> "
+          f"{'met' if target['met'] else 'NOT met'} (>= 1.00x at >= 0.995)")
 
 
 if __name__ == "__main__":

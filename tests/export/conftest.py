@@ -37,6 +37,19 @@ def run_onnx(path, inputs, level: str = "all") -> list[np.ndarray]:
     return s.run(None, _feed(s, inputs))
 
 
+def run_reference(path, inputs) -> list[np.ndarray]:
+    """The graph run by ``onnx.reference.ReferenceEvaluator`` (numpy; no CPU-specific int8 kernels)."""
+    from onnx.reference import ReferenceEvaluator
+
+    evaluator = ReferenceEvaluator(str(path))
+    names = evaluator.input_names
+    if isinstance(inputs, torch.Tensor):
+        inputs = (inputs,)
+    feed = {k: v.numpy() for k, v in inputs.items() if k in names} if isinstance(inputs, dict) else {
+        n: v.numpy() for n, v in zip(names, inputs)}
+    return evaluator.run(None, feed)
+
+
 def onnx_quantize_inputs(path, inputs) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """``{layer: (x, codes)}``: what each ``<layer>/QuantizeLinear`` node receives and produces when
     ONNX Runtime runs the graph (basic optimizations, so no node is fused away)."""
@@ -86,4 +99,5 @@ def helpers():
 
     h = H()
     h.run_onnx, h.onnx_quantize_inputs, h.compare_codes = run_onnx, onnx_quantize_inputs, compare_codes
+    h.run_reference = run_reference
     return h

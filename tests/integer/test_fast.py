@@ -71,20 +71,37 @@ def test_weight_only_and_grouped_layers_run_float_with_weights_dequantized_once(
         torch.testing.assert_close(f(x), q(x), rtol=0, atol=0)
 
 
+def _bias_step(q, x):
+    """to_integer adds the bias rounded to the accumulator's grid ``s_x s_w`` (as integer kernels
+    do): at most half a step, ``s_x s_w / 2``, from the float bias."""
+    aq = q[0].input_quant
+    if aq.spec.dynamic:
+        s, _ = lb.ops.choose_qparams(x.detach(), aq.spec, "minmax")
+        s = s.reshape(*x.shape[:-1], 1) if s.numel() > 1 else s.reshape(())
+    else:
+        s = aq.scale.reshape(())
+    return 0.5 * s * q[0].weight_scale.reshape(-1)
+
+
+@pytest.mark.parametrize("int8_format", [None, "u8s8", "u8u8"])
 @pytest.mark.parametrize("name", ["token-sym", "token-uint-asym", "static-asym"])
-def test_ort_backend_matches_frozen(name):
+def test_ort_backend_matches_frozen(name, int8_format, monkeypatch):
+    """Every int8 format the ORT backend can run (the one lowbit picks here, and each forced one)
+    gives the frozen model's outputs and lowbit.integer.to_integer's (exact int32 accumulators) to
+    float32 rounding."""
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
+    monkeypatch.delenv("LOWBIT_INT8_FORMAT", raising=False)
     x = _x(3, 7, 48)
     q = _frozen(_model(), x, ACTS[name])
-    f = fast(q, backend="ort", example_inputs=x, threads=1)
-    with torch.no_grad():
-        ref = q(x)
+    f = fast(q, backend="ort", example_inputs=x, threads=1, int8_format=int8_format)
+    reference = lb.integer.to_integer(q)
     x2 = _x(5, 4, 48)
-    with torch.no_grad():
-        ref2 = q(x2)
-    assert bool(((f(x) - ref).abs() <= _bound(q, x)).all())
-    assert bool(((f(x2) - ref2).abs() <= _bound(q, x2)).all())      # other batch and sequence sizes
+    for xx in (x, x2):                                               # other batch and sequence sizes
+        with torch.no_grad():
+            y, ref, exact = f(xx), q(xx), reference(xx)
+        assert bool(((y - ref).abs() <= _bound(q, xx)).all())
+        assert bool(((y - exact).abs() <= _bound(q, xx) + _bias_step(q, xx)).all())
 
 
 def test_bad_input():
@@ -99,6 +116,8 @@ def test_bad_input():
         fast(q, backend="ort")
     with pytest.raises(ValueError, match="no quantized layer"):
         fast(nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="int8_format"):
+        fast(q, int8_format="s8s8")
     assert x.shape == (2, 48)
 
 

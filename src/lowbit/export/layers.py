@@ -16,6 +16,12 @@ With ``integer=True`` a Linear with int8-able grids is instead one ``lowbit::int
 (``QuantizeLinear -> MatMulInteger -> scale``, see :mod:`lowbit.export.torch_ops`): the form ONNX
 Runtime runs with its int8 GEMM.
 
+8-bit signed weight codes of a layer with 8-bit activations are written in the integer format
+that :func:`lowbit.integer.cpu.choose_format` picks (:attr:`ExportLayer.int8_format`): ``"u8s8"``
+(``int8`` codes, as calibrated) or ``"u8u8"`` (``uint8`` codes ``w + 128`` with zero point
+``z_w + 128``: the same real weights, which ONNX Runtime multiplies with its U8U8 kernels, exact
+on CPUs without VNNI, where its U8S8 kernels saturate in int16).
+
 A frozen :class:`lowbit.modules.QuantEmbedding` becomes :class:`ExportEmbedding`: its codes as
 an initializer -> ``DequantizeLinear`` (``axis=0`` per row, blocked along ``axis=1`` per row group)
 -> ``Gather`` by the token ids.
@@ -31,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..integer.cpu import choose_format, u8_activation_range
 from ..integer.fast import fast_reason
 from ..modules import QuantConv1d, QuantConv2d, QuantEmbedding, QuantLayer, QuantLinear
 from ..spec import PerChannel, PerGroup, PerTensor, PerToken, QuantSpec
@@ -123,9 +130,12 @@ class ExportLayer(nn.Module):
 
     Attributes:
         int4: ``{buffer name: Int4Initializer}`` for the buffers to store as 4-bit in the file.
+        int8_format: ``"u8s8"`` or ``"u8u8"`` for 8-bit signed weights read by 8-bit activations
+            (see the module docstring), else ``None``.
     """
 
-    def __init__(self, layer: QuantLayer, integer: bool = False) -> None:
+    def __init__(self, layer: QuantLayer, integer: bool = False, int8_format: str | None = None,
+                 portable: bool = True, name: str = "") -> None:
         super().__init__()
         aq = layer.input_quant
         use_input = aq is not None and aq.enabled and aq.calibrated
@@ -164,12 +174,22 @@ class ExportLayer(nn.Module):
         dtype = _container_dtype(spec.bits, spec.signed)
         codes = codes.contiguous().to(dtype)
         zero_point = zero_point.contiguous().to(dtype)
+        self.integer = integer and fast_reason(layer) is None
+        colsum = codes.to(torch.int32).sum(dim=0, dtype=torch.int32) if self.integer else None
+        self.int8_format = None
+        if use_input and aq.spec.bits <= 8 and spec.bits > 4 and dtype == torch.int8 and codes.numel():
+            a_range = u8_activation_range(aq.spec.qmin, aq.spec.qmax, aq.spec.signed)
+            w_range = (int(codes.min()), int(codes.max()))
+            self.int8_format = choose_format(a_range, w_range, portable=portable, int8_format=int8_format, layer=name)
+            if self.int8_format == "u8u8":   # w + 128 on a uint8 grid with zero point z_w + 128: the same weights
+                codes = (codes.to(torch.int16) + 128).to(torch.uint8)
+                zero_point = (zero_point.to(torch.int16) + 128).to(torch.uint8)
         self.register_buffer("weight_codes", codes)
         self.register_buffer("weight_scale", scale.contiguous())
         self.register_buffer("weight_zero_point", zero_point)
-        self.integer = integer and fast_reason(layer) is None
         if self.integer:
-            self.register_buffer("weight_colsum", codes.to(torch.int32).sum(dim=0, dtype=torch.int32))
+            self.register_buffer("weight_colsum", colsum)      # of the signed codes (zero point 0)
+            self.register_buffer("gemm_weight_zero_point", zero_point.reshape(-1)[:1].reshape(()).clone())
             if not aq.spec.dynamic:
                 self.register_buffer("input_scale", self.input_qdq.scale)
                 self.register_buffer("input_zero_point", self.input_qdq.zero_point)
@@ -186,7 +206,8 @@ class ExportLayer(nn.Module):
         if self.integer and x.is_floating_point():
             sp = self.input_qdq.spec
             return torch.ops.lowbit.integer_linear(
-                x, self.weight_codes, self.weight_colsum, self.weight_scale, self.bias, self.input_scale,
+                x, self.weight_codes, self.gemm_weight_zero_point, self.weight_colsum,
+                self.weight_scale, self.bias, self.input_scale,
                 self.input_zero_point, sp.bits, sp.signed, sp.symmetric, sp.narrow_range, sp.dynamic,
                 isinstance(sp.granularity, PerToken), self.input_qdq.features)
         if self.input_qdq is not None:
@@ -204,16 +225,18 @@ class ExportLayer(nn.Module):
         return self.conv(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
-def export_layer(name: str, layer: QuantLayer, integer: bool = False) -> ExportLayer:
+def export_layer(name: str, layer: QuantLayer, integer: bool = False, int8_format: str | None = None,
+                 portable: bool = True) -> ExportLayer:
     """The :class:`ExportLayer` of ``layer``; ``ValueError`` naming ``name`` if it cannot be exported.
 
     ``integer``: a Linear whose grids allow it (:func:`lowbit.integer.fast_reason`) is written with
-    ``MatMulInteger`` on its int8 codes instead of QDQ around a float MatMul."""
+    ``MatMulInteger`` on its int8 codes instead of QDQ around a float MatMul. ``int8_format`` and
+    ``portable``: see :func:`lowbit.integer.cpu.choose_format`."""
     why = unsupported_reason(layer)
     if why is not None:
         raise ValueError(f"cannot export layer {name!r}: {why}")
     try:
-        return ExportLayer(layer, integer)
+        return ExportLayer(layer, integer, int8_format, portable, name)
     except ValueError as e:
         raise ValueError(f"cannot export layer {name!r}: {e}") from e
 

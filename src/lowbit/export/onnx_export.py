@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..checkpoint.atomic import atomic_write
+from ..integer.cpu import check_format
 from ..modules.tree import set_module
 from ..quantize import quant_embeddings, quant_layers
 from .layers import BLOCKED_OPSET, ExportEmbedding, ExportLayer, export_embedding, export_layer
@@ -53,11 +54,12 @@ class ExportInfo:
     integer: list[str] = field(default_factory=list)      # layers written with MatMulInteger (integer=True)
     int4: list[str] = field(default_factory=list)         # layers whose weights are INT4/UINT4
     size_bytes: int = 0
+    int8_formats: dict[str, str] = field(default_factory=dict)   # layer -> "u8s8" | "u8u8" (lowbit.integer.cpu)
 
     def as_dict(self) -> dict:
         return {"path": self.path, "opset": self.opset, "inputs": self.inputs, "outputs": self.outputs,
                 "layers": list(self.layers), "integer": list(self.integer), "int4": list(self.int4),
-                "size_bytes": self.size_bytes}
+                "int8_formats": dict(self.int8_formats), "size_bytes": self.size_bytes}
 
 
 def _split_inputs(example_inputs) -> tuple[tuple, dict]:
@@ -244,7 +246,8 @@ def _parse_scopes(text: str) -> list[str]:
 
 
 def export_onnx(q: nn.Module, example_inputs, path: str | os.PathLike, *, opset: int | None = None,
-                dynamic_shapes=None, integer: bool = False) -> ExportInfo:
+                dynamic_shapes=None, integer: bool = False, int8_format: str | None = None,
+                portable: bool = True) -> ExportInfo:
     """Write the frozen quantized model ``q`` as a QDQ ONNX graph to ``path``; see the module docstring.
 
     Args:
@@ -260,6 +263,15 @@ def export_onnx(q: nn.Module, example_inputs, path: str | os.PathLike, *, opset:
             token, weights with zero point 0 per tensor or per output channel) as
             ``QuantizeLinear -> MatMulInteger -> scale`` (ONNX Runtime's int8 GEMM) instead of QDQ
             around a float MatMul. Same outputs up to float32 rounding; not a QDQ graph.
+        int8_format: how 8-bit weights read by 8-bit activations are stored (ONNX Runtime's int8
+            kernels follow it): ``None`` (default; or the ``LOWBIT_INT8_FORMAT`` environment variable)
+            picks per layer, ``"u8s8"`` keeps ``int8`` codes, ``"u8u8"`` writes ``uint8`` codes
+            ``w + 128`` with zero point ``z_w + 128`` (the same weights). ``u8s8`` saturates in ONNX
+            Runtime's default configuration on x86 CPUs without VNNI; see :mod:`lowbit.integer.cpu`.
+        portable: the file may run on any CPU (default): ``None`` picks ``u8s8`` only where no pair
+            of products can leave int16, else ``u8u8``. ``False``: for this machine (what
+            :func:`lowbit.export.ort_module` and :func:`lowbit.integer.fast` use): ``u8s8`` where
+            ONNX Runtime's U8S8 GEMM is exact here (VNNI, AMX, ARM).
 
     Returns an :class:`ExportInfo`. Raises ``ValueError`` naming the module for anything that cannot
     be exported; then no file is written.
@@ -267,6 +279,7 @@ def export_onnx(q: nn.Module, example_inputs, path: str | os.PathLike, *, opset:
     if not isinstance(q, nn.Module):
         raise TypeError(f"q must be a torch.nn.Module, got {type(q).__name__}")
     check_exporter()
+    check_format(int8_format)
     opset = DEFAULT_OPSET if opset is None else opset
     if isinstance(opset, bool) or not isinstance(opset, int) or opset < _MIN_OPSET:
         raise ValueError(f"opset must be an int >= {_MIN_OPSET} (torch's ONNX exporter), got {opset!r}; 21 is the default")
@@ -296,7 +309,7 @@ def export_onnx(q: nn.Module, example_inputs, path: str | os.PathLike, *, opset:
         set_module(model, name, new)
         exported[name] = new
     for name, layer in quant_layers(model):
-        new = export_layer(name, layer, integer)
+        new = export_layer(name, layer, integer, int8_format, portable)
         if opset < BLOCKED_OPSET and (new.int4 or new.block_size or (new.input_qdq is not None and (
                 new.input_qdq.spec.dynamic or new.input_qdq.spec.bits > 8))):
             raise ValueError(f"cannot export layer {name!r} at opset {opset}: 4-bit, grouped or 16-bit weights and "
@@ -338,6 +351,8 @@ def export_onnx(q: nn.Module, example_inputs, path: str | os.PathLike, *, opset:
     info = ExportInfo(path=str(path), opset=opset, inputs=[i.name for i in proto.graph.input],
                       outputs=[o.name for o in proto.graph.output], layers=list(exported),
                       integer=[n for n, layer in exported.items() if layer.integer],
-                      int4=[n for n, layer in exported.items() if layer.int4], size_bytes=len(data))
+                      int4=[n for n, layer in exported.items() if layer.int4], size_bytes=len(data),
+                      int8_formats={n: layer.int8_format for n, layer in exported.items()
+                                    if getattr(layer, "int8_format", None)})
     log.info("lowbit: wrote %s (%d quantized layers, %d bytes)", path, len(exported), len(data))
     return info

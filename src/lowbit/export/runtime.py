@@ -10,6 +10,13 @@ ONNX Runtime's graph optimizer fuses ``DequantizeLinear(weight) -> MatMul`` into
 int8 per block of 32 inside the kernel, a different model from lowbit's; ``exact=True`` (default)
 sets ``session.qdq_matmulnbits_accuracy_level = 1`` (float32 activations), which computes what
 lowbit computes, to float32 rounding.
+
+On x86 CPUs whose U8S8 int8 GEMM saturates (no VNNI, see :mod:`lowbit.integer.cpu`), lowbit's
+sessions also set ``session.x64quantprecision = 1``: ONNX Runtime then rewrites ``int8`` weights that
+need more than 7 bits to ``uint8`` and runs its exact U8U8 kernels. (ONNX Runtime 1.32 applies it on
+VNNI CPUs too, where it only costs speed, so it is not set there.) The files lowbit exports are
+exact without it (their format is chosen per layer); it covers a file written with
+``int8_format="u8s8"`` or by another tool.
 """
 from __future__ import annotations
 
@@ -21,11 +28,13 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
+from ..integer.cpu import u8s8_exact_here
 from .onnx_export import _split_inputs, export_onnx, run_eval
 
 __all__ = ["OrtModule", "ort_module", "session_options", "compare_with_onnx"]
 
 MATMULNBITS_ACCURACY = "session.qdq_matmulnbits_accuracy_level"
+X64_PRECISION = "session.x64quantprecision"
 
 
 def session_options(threads: int | None = None, exact: bool = True):
@@ -39,6 +48,8 @@ def session_options(threads: int | None = None, exact: bool = True):
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
     so.add_session_config_entry(MATMULNBITS_ACCURACY, "1" if exact else "4")
+    if not u8s8_exact_here():
+        so.add_session_config_entry(X64_PRECISION, "1")
     so.log_severity_level = 3
     return so
 
@@ -88,13 +99,15 @@ class OrtModule(nn.Module):
 
 def ort_module(q: nn.Module, example_inputs, *, path: str | os.PathLike | None = None,
                threads: int | None = None, exact: bool = True, opset: int | None = None,
-               integer: bool = False) -> OrtModule:
+               integer: bool = False, int8_format: str | None = None) -> OrtModule:
     """Export ``q`` and return an :class:`OrtModule` that runs it with ONNX Runtime.
 
     ``path``: where to keep the ``.onnx`` file (default: a temporary file, removed when the session
     has loaded it). ``threads``: ONNX Runtime intra-op threads (default: its own choice).
     ``integer``: int8 ``MatMulInteger`` for the Linear layers that allow it (see
-    :func:`lowbit.export.export_onnx`): the fast form.
+    :func:`lowbit.export.export_onnx`): the fast form. ``int8_format``: see
+    :func:`lowbit.export.export_onnx`; by default the fastest format that is exact on this CPU
+    (the file is written for this machine, ``portable=False``).
     """
     args, kwargs = _split_inputs(example_inputs)
     reference = run_eval(q, args, kwargs)
@@ -104,11 +117,11 @@ def ort_module(q: nn.Module, example_inputs, *, path: str | os.PathLike | None =
     elif isinstance(reference, Mapping) and any(v is None for v in reference.values()):
         spec = None
     if path is not None:
-        export_onnx(q, example_inputs, path, opset=opset, integer=integer)
+        export_onnx(q, example_inputs, path, opset=opset, integer=integer, int8_format=int8_format, portable=False)
         return OrtModule(path, spec, threads, exact, getattr(q, "config", None))
     with tempfile.TemporaryDirectory(prefix="lowbit-ort-") as tmp:
         file = os.path.join(tmp, "model.onnx")
-        export_onnx(q, example_inputs, file, opset=opset, integer=integer)
+        export_onnx(q, example_inputs, file, opset=opset, integer=integer, int8_format=int8_format, portable=False)
         module = OrtModule(file, spec, threads, exact, getattr(q, "config", None))
     return module
 

@@ -11,9 +11,10 @@ written exactly where the quantized layers are (no pattern matching on the trace
   the formulas of :func:`lowbit.ops.range_to_qparams`) -> ``QuantizeLinear -> DequantizeLinear``
   (per token: blocked, ``axis=-1``, ``block_size=features``);
 * ``lowbit::dequantize(codes, scale, zero_point, axis, block_size)`` -> ``DequantizeLinear``;
-* ``lowbit::integer_linear(x, W^T codes, ...)`` (``export_onnx(..., integer=True)``): the input's codes
-  from ``QuantizeLinear`` (grid as above) -> ``MatMulInteger`` with the int8 weight codes -> exact
-  int32 ``acc`` (minus ``z * sum_k W[k, :]`` for a nonzero input zero point) -> ``acc * s * s_w + b``.
+* ``lowbit::integer_linear(x, W^T codes, z_w, ...)`` (``export_onnx(..., integer=True)``): the input's
+  codes from ``QuantizeLinear`` (grid as above) -> ``MatMulInteger`` with the weight codes (``int8``,
+  or ``uint8`` ``w + 128`` with ``z_w = 128``: :mod:`lowbit.integer.cpu`) -> exact int32
+  ``acc = sum_k (q - z)(W - z_w)`` -> ``acc * (s * s_w) + b``.
 
 Parameters follow ONNX (opset 21): a scalar scale (per tensor), a 1-D scale along ``axis`` (per
 channel), or a scale of the input's rank with ``shape[axis] = ceil(n / block_size)`` (blocked).
@@ -91,7 +92,8 @@ def _(codes, scale, zero_point, axis, block_size):
 
 
 @torch.library.custom_op("lowbit::integer_linear", mutates_args=())
-def integer_linear(x: torch.Tensor, weight_t: torch.Tensor, colsum: torch.Tensor, weight_scale: torch.Tensor,
+def integer_linear(x: torch.Tensor, weight_t: torch.Tensor, weight_zero_point: torch.Tensor, colsum: torch.Tensor,
+                   weight_scale: torch.Tensor,
                    bias: Optional[torch.Tensor], input_scale: torch.Tensor, input_zero_point: torch.Tensor, bits: int,
                    signed: bool, symmetric: bool, narrow_range: bool, dynamic: bool, per_token: bool,
                    features: int) -> torch.Tensor:
@@ -105,12 +107,13 @@ def integer_linear(x: torch.Tensor, weight_t: torch.Tensor, colsum: torch.Tensor
     else:
         s, z = input_scale, input_zero_point.to(torch.int32)
     q = torch.clamp(torch.round(xf / s) + z, spec.qmin, spec.qmax)
-    acc = (q - z).to(torch.float64) @ weight_t.to(torch.float64)           # exact below 2^53
+    w = weight_t.to(torch.float64) - weight_zero_point.to(torch.float64)
+    acc = (q - z).to(torch.float64) @ w                                    # exact below 2^53
     y = (acc * s * weight_scale).to(torch.float32)
     return (y if bias is None else y + bias).to(x.dtype)
 
 
 @integer_linear.register_fake
-def _(x, weight_t, colsum, weight_scale, bias, input_scale, input_zero_point, bits, signed, symmetric, narrow_range,
+def _(x, weight_t, weight_zero_point, colsum, weight_scale, bias, input_scale, input_zero_point, bits, signed, symmetric, narrow_range,
       dynamic, per_token, features):
     return x.new_empty((*x.shape[:-1], weight_t.shape[1]))

@@ -121,8 +121,8 @@ def translation_table(opset: int) -> dict:
         # MatMulIntegerToFloat, which rejects a per-token zero point at run time
         return op.Mul(op.Sub(op.CastLike(q, x), op.CastLike(zp, x)), scale)
 
-    def integer_linear(x, weight_t, colsum, weight_scale, bias, input_scale, input_zero_point, bits: int,
-                       signed: bool, symmetric: bool, narrow_range: bool, dynamic: bool, per_token: bool,
+    def integer_linear(x, weight_t, weight_zero_point, colsum, weight_scale, bias, input_scale, input_zero_point,
+                       bits: int, signed: bool, symmetric: bool, narrow_range: bool, dynamic: bool, per_token: bool,
                        features: int):
         spec = QuantSpec(bits=bits, signed=signed, symmetric=symmetric, narrow_range=narrow_range)
         if dynamic:
@@ -130,21 +130,31 @@ def translation_table(opset: int) -> dict:
         else:
             scale, zp = input_scale, input_zero_point
         kw = qdq_kwargs(-1, features) if (dynamic and per_token) else {}
+        shift = 128 if signed else 0
         if signed:
-            # uint8 x int8 is ONNX Runtime's fast int8 GEMM (MLAS U8S8; S8S8 is several times slower
-            # on x86): signed codes q become q + 128 on a uint8 grid with zero point z + 128
+            # the GEMM reads uint8 (U8S8 / U8U8 are ONNX Runtime's fast int8 GEMMs on x86; S8S8 is several
+            # times slower): signed codes q become q + 128 on a uint8 grid with zero point z + 128
             zp = op.Cast(op.Add(op.Cast(zp, to=TensorProto.INT32), op.Cast(op.Constant(value_int=128), to=TensorProto.INT32)),
                          to=TensorProto.UINT8)
-            lo, hi = spec.qmin + 128, spec.qmax + 128
-        else:
-            lo, hi = spec.qmin, spec.qmax
+        lo, hi = spec.qmin + shift, spec.qmax + shift
         q = op.QuantizeLinear(x, scale, zp, **kw)
         if (lo, hi) != (0, 255):
             q = op.Clip(q, op.CastLike(op.Constant(value_int=lo), zp), op.CastLike(op.Constant(value_int=hi), zp))
-        acc = op.MatMulInteger(q, weight_t)                                  # exact int32
-        acc = op.Sub(acc, op.Mul(op.Cast(zp, to=TensorProto.INT32), colsum))
-        y = op.Mul(op.Mul(op.Cast(acc, to=TensorProto.FLOAT), scale), weight_scale)
-        return y if bias is None else op.Add(y, bias)
+        if dynamic and per_token and not symmetric:
+            # one zero point per token: MatMulInteger takes a scalar one, so subtract z * sum_k (W - z_w) exactly
+            acc = op.MatMulInteger(q, weight_t, None, weight_zero_point)
+            acc = op.Sub(acc, op.Mul(op.Cast(zp, to=TensorProto.INT32), colsum))
+        else:
+            if dynamic and per_token:   # symmetric: the same zero point for every token, a constant
+                zp = op.Cast(op.Constant(value_int=spec.symmetric_zero_point + shift), to=TensorProto.UINT8)
+            acc = op.MatMulInteger(q, weight_t, zp, weight_zero_point)          # exact int32
+        # Cast -> Mul(Mul(s, s_w)) -> Add(b): ONNX Runtime fuses it into MatMulIntegerToFloat. With one
+        # scale per token, ONNX Runtime 1.32's fused kernel multiplies the bias by that scale too, so the
+        # bias is then subtracted as -b (exact): the fusion takes an Add only
+        y = op.Mul(op.Cast(acc, to=TensorProto.FLOAT), op.Mul(scale, weight_scale))
+        if bias is None:
+            return y
+        return op.Sub(y, op.Neg(bias)) if (dynamic and per_token) else op.Add(y, bias)
 
     def dequantize(codes, scale, zero_point, axis: int, block_size: int):
         return op.DequantizeLinear(codes, scale, zero_point, **qdq_kwargs(axis, block_size))

@@ -8,10 +8,14 @@ requantization; see :mod:`lowbit.integer.layer` for the arithmetic and
 ``lowbit.integer.fast(q)`` is the fast path (:mod:`lowbit.integer.fast`): int8 GEMMs on lowbit's
 codes where the grids allow (or ONNX Runtime on the exported graph), the frozen model's outputs
 to float32 rounding.
+
+:mod:`lowbit.integer.cpu` knows which 8-bit integer formats this CPU multiplies exactly (ONNX
+Runtime's U8S8 kernels saturate on x86 without VNNI) and picks the format of each layer.
 """
+from . import cpu
 from .convert import IntegerInfo, link_output_grids, to_integer
 from .fast import BACKENDS, DequantizedLayer, FastLinear, fast, fast_reason
 from .layer import IntegerConv, IntegerLayer, IntegerLinear, from_quant_layer, unsupported_reason
 
 __all__ = ["to_integer", "IntegerInfo", "IntegerLayer", "IntegerLinear", "IntegerConv", "from_quant_layer",
-           "unsupported_reason", "link_output_grids", "fast", "FastLinear", "DequantizedLayer", "fast_reason", "BACKENDS"]
+           "unsupported_reason", "link_output_grids", "fast", "FastLinear", "DequantizedLayer", "fast_reason", "BACKENDS", "cpu"]

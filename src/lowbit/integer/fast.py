@@ -38,6 +38,7 @@ from ..ops.integer_math import int_matmul
 from ..ops.qparams import range_to_qparams
 from ..quantize import frozen_quant_layers, quant_layers
 from ..spec import PerChannel, PerTensor, PerToken
+from .cpu import check_format
 
 __all__ = ["fast", "FastLinear", "DequantizedLayer", "fast_reason", "BACKENDS"]
 
@@ -152,7 +153,8 @@ def _has_ort() -> bool:
             and all(importlib.util.find_spec(m) is not None for m in ("onnxruntime", "onnxscript", "onnx")))
 
 
-def fast(q: nn.Module, *, backend: str = "auto", example_inputs=None, threads: int | None = None) -> nn.Module:
+def fast(q: nn.Module, *, backend: str = "auto", example_inputs=None, threads: int | None = None,
+         int8_format: str | None = None) -> nn.Module:
     """A copy of the frozen quantized model ``q`` that runs fast on the CPU (see the module docstring).
 
     Args:
@@ -160,6 +162,9 @@ def fast(q: nn.Module, *, backend: str = "auto", example_inputs=None, threads: i
             batch of inputs), ``"torch"`` (int8 GEMMs in place), or ``"auto"``: ``"ort"`` when
             ``example_inputs`` is given and onnxruntime/onnxscript are installed, else ``"torch"``.
         threads: ONNX Runtime threads (``"ort"``); torch uses ``torch.get_num_threads()``.
+        int8_format: ``"ort"``: ``"u8s8"`` or ``"u8u8"`` to force ONNX Runtime's int8 GEMM format;
+            default (``None``, or the ``LOWBIT_INT8_FORMAT`` environment variable): the fastest one
+            that is exact on this CPU (:mod:`lowbit.integer.cpu`).
 
     The copy gives the frozen model's outputs up to float32 rounding and is in eval mode; ``q`` is
     untouched. ``model.lowbit_fast`` lists ``{"int8": [...], "float": {layer: why}}``.
@@ -167,6 +172,7 @@ def fast(q: nn.Module, *, backend: str = "auto", example_inputs=None, threads: i
     frozen_quant_layers(q, "fast()")   # checks
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_format(int8_format)
     if backend == "auto":
         backend = "ort" if example_inputs is not None and _has_ort() else "torch"
     if backend == "ort":
@@ -174,7 +180,7 @@ def fast(q: nn.Module, *, backend: str = "auto", example_inputs=None, threads: i
             raise ValueError("backend='ort' exports the model: pass example_inputs (one batch of model inputs)")
         from ..export import ort_module
 
-        return ort_module(q, example_inputs, threads=threads, integer=True)
+        return ort_module(q, example_inputs, threads=threads, integer=True, int8_format=int8_format)
     model = copy.deepcopy(q).eval()
     report: dict = {"int8": [], "float": {}}
     for name, layer in quant_layers(model):

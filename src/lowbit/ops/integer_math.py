@@ -24,12 +24,16 @@ rounds twice (each half away from zero) and can differ from the exact rounding b
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 
 __all__ = ["quantize_multiplier", "requantize", "rounding_shift", "int_matmul", "REQUANT_ROUNDING",
            "MANTISSA_BITS"]
 
 REQUANT_ROUNDING = ("half_even", "half_away", "gemmlowp")
+log = logging.getLogger(__name__)
+
 MANTISSA_BITS = 31          # mantissa in [2^30, 2^31): a positive int32, as gemmlowp/TFLite
 _MAX_SHIFT = 62             # |acc * mantissa| < 2^62, so any shift >= 63 rounds to 0
 
@@ -126,11 +130,25 @@ def requantize(acc: torch.Tensor, mantissa: torch.Tensor, shift: torch.Tensor, z
 
 
 def _int_mm_works(device: torch.device) -> bool:
+    """Whether ``torch._int_mm`` runs here and is exact, probed once per device type with operands
+    that overflow an int16 pair sum (``VPMADDUBSW``-style kernels on CPUs without VNNI would
+    saturate them); if not, :func:`int_matmul` uses the plain integer matmul and says so once."""
     key = device.type
     if key not in _INT_MM:
         try:
-            a = torch.ones(2, 3, dtype=torch.int8, device=device)
-            _INT_MM[key] = bool(torch._int_mm(a, a.t()).eq(3).all())
+            a = torch.full((2, 64), -128, dtype=torch.int8, device=device)
+            a[1] = 127
+            b = torch.full((64, 3), -128, dtype=torch.int8, device=device)
+            b[:, 1] = 127
+            b[:, 2] = 1
+            exact = a.to(torch.int64) @ b.to(torch.int64) if device.type == "cpu" else None
+            got = torch._int_mm(a, b)
+            ok = bool(got.eq(exact).all()) if exact is not None else bool(got.cpu().eq(
+                a.cpu().to(torch.int64) @ b.cpu().to(torch.int64)).all())
+            if not ok:
+                log.warning("lowbit: torch._int_mm is not exact on this %s (int16 saturation?); integer GEMMs "
+                            "use torch's int32 matmul instead (correct, slower)", key)
+            _INT_MM[key] = ok
         except (RuntimeError, AttributeError, NotImplementedError):
             _INT_MM[key] = False
     return _INT_MM[key]
