@@ -28,7 +28,23 @@ class QuantLayer(QuantWeight):
         frozen: whether the weight is stored as integers.
     """
 
-    float_type: type[nn.Module] = nn.Module
+    float_type: type[nn.Module] = nn.Module   # the float layer it replaces (per instance: a subclass of it)
+
+    # -- what the float layer is (see lowbit.modules.layer_types) --------------------------------
+    @classmethod
+    def accepts(cls, module: nn.Module) -> bool:
+        """True if ``module`` is this layer type's float layer (or a subclass of it)."""
+        return isinstance(module, cls.float_type)
+
+    @classmethod
+    def base_type(cls, module: nn.Module) -> type:
+        """The library class ``module`` derives from (its forward is the reference)."""
+        return cls.float_type
+
+    @classmethod
+    def float_gemm_weight(cls, module: nn.Module) -> torch.Tensor:
+        """A view ``[out, in...]`` of the float layer's weight (in-place edits reach the layer)."""
+        return module.weight
 
     def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, weight_quant: WeightQuantizer,
                  input_quant: ActQuantizer | None) -> None:
