@@ -14,7 +14,7 @@
 (:mod:`lowbit.modules.layer_types`) selected by ``include``/``exclude`` for its quantized
 counterpart (on every path that reaches it), which fake-quantizes its weight and (if
 ``activations`` is given) its input. Layers it cannot quantize stay float and are listed in
-``q.lowbit_info.skipped``; ``q.lowbit_coverage`` (:mod:`lowbit.coverage`) lists every layer, settles
+``q.lowbit_info.skipped``; ``q.lowbit_coverage`` (:mod:`lowbit.accounting`) lists every layer, settles
 tied weights and names Linear-like layers left float at WARNING. With
 ``embeddings=spec`` every selected ``nn.Embedding`` becomes a weight-only
 :class:`~lowbit.modules.QuantEmbedding` too (by default embeddings stay float).
@@ -31,7 +31,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from .coverage import account
+from .accounting import account
 from .modules import ActQuantizer, QuantEmbedding, QuantLayer, check_embedding_spec, make_quant_layer, quant_class_for
 from .modules.sharing import share_frozen_codes, tied_quant_groups
 from .modules.tree import replace_module
