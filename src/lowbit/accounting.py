@@ -104,7 +104,8 @@ def account(q: nn.Module, skipped: dict[str, str], include=None, exclude=None) -
     first: dict[int, str] = {}
     for name, m in q.named_modules(remove_duplicate=False):
         if id(m) in first:
-            cov.aliases[name] = first[id(m)]
+            if not any(name.startswith(a + ".") for a in cov.aliases):   # not the inside of an alias
+                cov.aliases[name] = first[id(m)]
             continue
         first[id(m)] = name
     inside_quant: set[str] = set()
