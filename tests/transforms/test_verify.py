@@ -2,6 +2,8 @@
 real form (x * w, or Gemma's x * (1 + w)), and a norm of another form is not folded."""
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from torch import nn
@@ -85,3 +87,73 @@ def test_check_preserved_names_the_layers():
     with pytest.raises(ValueError, match=r"changed its output .* the layers it changed: 0"):
         check_preserved(a, b, torch.randn(2, 4), lambda m, x: m(x), "a transform", ["0"])
     assert check_preserved(a, a, torch.randn(2, 4), lambda m, x: m(x), "a transform", ["0"]) == 0.0
+
+
+class ScaledConv(nn.Conv2d):
+    """A Conv2d subclass computing another function (2x): folding BatchNorm into it must not pass silently."""
+
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+def _bn(c):
+    bn = nn.BatchNorm2d(c)
+    with torch.no_grad():
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.normal_()
+        bn.bias.normal_()
+    return bn
+
+
+def test_bn_fold_checks_itself(monkeypatch):
+    from lowbit.transforms import fold_bn
+    from lowbit.transforms.fold_bn import fold_batchnorm
+
+    torch.manual_seed(0)
+    bad = nn.Sequential(ScaledConv(3, 4, 3), _bn(4)).eval()
+    assert fold_batchnorm(bad) == []              # torch.fx traces into the subclass: no pair to fold
+
+    def untraceable(model):
+        raise RuntimeError("cannot trace")
+
+    monkeypatch.setattr(fold_bn, "_pairs_by_tracing", untraceable)   # the nn.Sequential fallback pairs it
+    with pytest.raises(ValueError, match=r"folding BatchNorm '1' into '0' \(ScaledConv\)"):
+        fold_batchnorm(bad)
+    good = nn.Sequential(nn.Conv2d(3, 4, 3), _bn(4)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        ref = good(x)
+        assert fold_batchnorm(good) == [("0", "1")]
+        torch.testing.assert_close(good(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_bn_fold_in_training_mode_and_untraceable_warn(caplog):
+    from lowbit.transforms.fold_bn import fold_batchnorm
+
+    class Untraceable(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 3), _bn(4)
+
+        def forward(self, x):
+            if x.sum() > 0:          # data-dependent control flow: torch.fx cannot trace it
+                return self.bn(self.conv(x))
+            return self.bn(self.conv(-x))
+
+    torch.manual_seed(0)
+    with caplog.at_level(logging.WARNING, logger="lowbit"):
+        fold_batchnorm(nn.Sequential(nn.Conv2d(3, 4, 3), _bn(4)).train())
+        assert any("training mode" in r.message for r in caplog.records)
+        caplog.clear()
+        assert fold_batchnorm(Untraceable().eval()) == []
+        assert any("could not trace" in r.message and "'bn'" in r.message for r in caplog.records)
+
+
+def test_equalize_checks_the_function_on_a_reference_batch():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    x = torch.randn(5, 8)
+    e = lb.transforms.equalize(m, reference=x)
+    with torch.no_grad():
+        torch.testing.assert_close(e(x), m(x), rtol=1e-5, atol=1e-5)
