@@ -33,6 +33,7 @@ from torch import nn
 
 from .accounting import account
 from .modules import ActQuantizer, QuantEmbedding, QuantLayer, check_embedding_spec, make_quant_layer, quant_class_for
+from .modules.layer import weight_range_method
 from .modules.sharing import share_frozen_codes, tied_quant_groups
 from .modules.tree import replace_module
 from .spec import PerChannel, QuantSpec
@@ -132,7 +133,10 @@ def quantize(model: nn.Module, weights: QuantSpec = DEFAULT_WEIGHTS, activations
         activations: grid of each quantized layer's input, or None for weight-only quantization.
             Static activations need ``lb.calibrate``; ``dynamic=True`` ones do not.
         observer: range estimator for activations and weights (``"minmax"``, ``"mse"``,
-            ``"entropy"``, ``"percentile"``, ...); ``weight_observer`` overrides it for weights.
+            ``"entropy"``, ``"percentile"``, ...); ``weight_observer`` overrides it for weights. With
+            activations, ``observer_options`` are the activations' only, and a clipping observer
+            (percentile, entropy, moving average) gives the weights min/max (see
+            :func:`lowbit.modules.layer.weight_range_method`).
         include / exclude: glob patterns over module names (``"features.*"``, ``"classifier"``).
         fold_bn: fold BatchNorm into the preceding layer first.
         embeddings: grid of the ``nn.Embedding`` tables (weight-only, e.g.
@@ -174,8 +178,8 @@ def quantize(model: nn.Module, weights: QuantSpec = DEFAULT_WEIGHTS, activations
             if module.max_norm is not None:
                 info.skipped[name] = "nn.Embedding with max_norm (it renormalizes its table on every lookup)"
                 continue
-            replace_module(q, module, QuantEmbedding.from_float(module, embeddings, weight_observer or observer,
-                                                                 observer_options if weight_observer is None else None))
+            replace_module(q, module, QuantEmbedding.from_float(
+                module, embeddings, *weight_range_method(observer, weight_observer, observer_options, activations)))
             info.quantized_embeddings.append(name)
             continue
         cls, why = _layer_class(module, parent)
@@ -234,7 +238,15 @@ def calibrate(model: nn.Module) -> Iterator[nn.Module]:
         if not ok:
             for _, aq in quantizers:
                 aq.observing = False
-    missing = [name for name, aq in quantizers if not aq.finish_observing()]
+    missing = []
+    for i, (name, aq) in enumerate(quantizers):
+        try:
+            if not aq.finish_observing():
+                missing.append(name)
+        except ValueError as e:   # an observer that saw only NaN/Inf: name the layer, leave no one observing
+            for _, other in quantizers[i:]:
+                other.observing = False
+            raise ValueError(f"calibration of {name}: {e}") from e
     if quantizers and len(missing) == len(quantizers):
         raise ValueError("calibration saw no batch: run the model on calibration inputs inside "
                          "`with lb.calibrate(q): q(x)`")

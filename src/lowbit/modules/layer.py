@@ -19,6 +19,26 @@ from .quantizer import ActQuantizer, WeightQuantizer
 __all__ = ["QuantLayer"]
 
 
+# range methods that mean the same on a weight as on an activation (no clipping of a weight's outliers)
+_WEIGHT_SAFE = ("minmax", "maxabs", "mse", "hqq")
+
+
+def weight_range_method(observer: str, weight_observer: str | None, observer_options: dict | None,
+                        activations: QuantSpec | None) -> tuple[str, dict | None]:
+    """``(method, options)`` of the weights' range, from ``lb.quantize``'s arguments.
+
+    ``weight_observer`` wins (with no options). Weight-only (``activations=None``): ``observer`` and
+    ``observer_options`` are the weights'. With activations they are the activations': the weights
+    keep ``observer`` only if it is a range method that clips nothing on purpose (min/max, max-abs,
+    MSE), without the options; a percentile/entropy/moving-average observer gives the weights min/max.
+    """
+    if weight_observer is not None:
+        return weight_observer, None
+    if activations is None:
+        return observer, observer_options
+    return (observer if observer in _WEIGHT_SAFE else "minmax"), None
+
+
 class QuantLayer(QuantWeight):
     """Base of :class:`QuantLinear`, :class:`QuantConv1d`, :class:`QuantConv2d`.
 
@@ -88,6 +108,6 @@ class QuantLayer(QuantWeight):
     @staticmethod
     def _quantizers(weights: QuantSpec, activations: QuantSpec | None, observer: str,
                     weight_observer: str | None, observer_options: dict | None):
-        wq = WeightQuantizer(weights, weight_observer or observer, observer_options if weight_observer is None else None)
+        wq = WeightQuantizer(weights, *weight_range_method(observer, weight_observer, observer_options, activations))
         aq = None if activations is None else ActQuantizer(activations, observer, observer_options)
         return wq, aq
