@@ -91,7 +91,8 @@ class QuantLayer(QuantWeight):
         if aq is not None and aq.enabled and not aq.calibrated:
             raise ValueError("this layer's input quantizer is not calibrated; run `with lb.calibrate(model): ...` "
                              "on some batches before lb.freeze")
-        self.set_frozen_weight(self.qweight)
+        with torch.inference_mode(False):   # codes stay ordinary tensors (loadable, movable) outside that mode
+            self.set_frozen_weight(self.qweight)
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -92,7 +92,14 @@ class Observer:
         return self._shape is not None
 
     def update(self, x: torch.Tensor) -> "Observer":
-        """Fold the batch ``x`` into the statistics; returns ``self``."""
+        """Fold the batch ``x`` into the statistics; returns ``self``.
+
+        Under ``torch.inference_mode`` (``SentenceTransformer.encode`` runs there) the statistics are
+        still kept as ordinary tensors, so later batches outside that mode can update them in place.
+        """
+        if torch.is_inference_mode_enabled():
+            with torch.inference_mode(False):
+                return self.update(x)
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if not x.is_floating_point():
