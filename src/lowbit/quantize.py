@@ -37,6 +37,7 @@ from .modules.layer import weight_range_method
 from .modules.sharing import share_frozen_codes, tied_quant_groups
 from .modules.tree import replace_module
 from .spec import PerChannel, QuantSpec
+from .transforms.dataflow import is_norm
 from .transforms.fold_bn import fold_batchnorm
 
 __all__ = ["quantize", "calibrate", "freeze", "QuantInfo", "quant_layers", "frozen_quant_layers", "quant_embeddings", "DEFAULT_WEIGHTS"]
@@ -116,9 +117,19 @@ def _layer_class(module: nn.Module, parent: nn.Module | None) -> tuple[type | No
         return None, "inside nn.MultiheadAttention, which reads the weights directly"
     cls, why = quant_class_for(module)
     if cls is None and why is None:
-        why = (f"{type(module).__name__} is not supported (lowbit quantizes Linear, Conv1d, Conv2d, transformers' "
-               "Conv1D and their subclasses)")
+        why = _float_reason(module)
     return cls, why
+
+
+def _float_reason(module: nn.Module) -> str:
+    name = type(module).__name__
+    if type(module) is nn.Embedding:
+        return "Embedding table (pass embeddings=QuantSpec(...) to quantize it)"
+    if isinstance(module, nn.Embedding):
+        return f"{name} is an nn.Embedding subclass with its own forward; lowbit quantizes plain nn.Embedding tables"
+    if is_norm(module) or isinstance(module, nn.modules.batchnorm._NormBase):
+        return f"{name} is a normalization layer (not supported: it stays float, as in int8 inference engines)"
+    return f"{name} is not supported (lowbit quantizes Linear, Conv1d, Conv2d, transformers' Conv1D and their subclasses)"
 
 
 def quantize(model: nn.Module, weights: QuantSpec = DEFAULT_WEIGHTS, activations: QuantSpec | None = None,
