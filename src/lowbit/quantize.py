@@ -34,6 +34,7 @@ from torch import nn
 from .accounting import account
 from .modules import ActQuantizer, QuantEmbedding, QuantLayer, check_embedding_spec, make_quant_layer, quant_class_for
 from .modules.layer import weight_range_method
+from .modules.layer_types import check_finite_weight
 from .modules.sharing import share_frozen_codes, tied_quant_groups
 from .modules.tree import replace_module
 from .spec import PerChannel, QuantSpec
@@ -189,6 +190,7 @@ def quantize(model: nn.Module, weights: QuantSpec = DEFAULT_WEIGHTS, activations
             if module.max_norm is not None:
                 info.skipped[name] = "nn.Embedding with max_norm (it renormalizes its table on every lookup)"
                 continue
+            check_finite_weight(name, module)
             replace_module(q, module, QuantEmbedding.from_float(
                 module, embeddings, *weight_range_method(observer, weight_observer, observer_options, activations)))
             info.quantized_embeddings.append(name)
@@ -197,6 +199,7 @@ def quantize(model: nn.Module, weights: QuantSpec = DEFAULT_WEIGHTS, activations
         if cls is None:
             info.skipped[name] = why
             continue
+        check_finite_weight(name, module)
         replace_module(q, module, make_quant_layer(cls, module, weights, activations, observer,
                                                    weight_observer, observer_options))
         info.quantized.append(name)

@@ -21,7 +21,7 @@ from .hf_conv1d import QuantConv1D, hf_conv1d_base
 from .layer import QuantLayer
 from .linear import QuantLinear
 
-__all__ = ["LAYER_CLASSES", "quant_class_for", "make_quant_layer", "is_linear_like", "float_gemm_weight",
+__all__ = ["LAYER_CLASSES", "quant_class_for", "make_quant_layer", "check_finite_weight", "is_linear_like", "float_gemm_weight",
            "linear_features"]
 
 # most specific first: transformers' Conv1D before anything matched by isinstance
@@ -115,3 +115,15 @@ def linear_features(module: nn.Module) -> tuple[int, int]:
     """``(in_features, out_features)`` of a Linear-like float layer."""
     out, inp = float_gemm_weight(module).shape[:2]
     return int(inp), int(out)
+
+
+def check_finite_weight(name: str, module: nn.Module) -> None:
+    """``ValueError`` naming ``name`` if ``module.weight`` holds NaN or Inf (no grid can represent them:
+    an infinite range makes every other weight of its row round to zero)."""
+    w = getattr(module, "weight", None)
+    if isinstance(w, torch.Tensor) and w.is_floating_point():
+        with torch.no_grad():
+            bad = int((~torch.isfinite(w)).sum())
+        if bad:
+            raise ValueError(f"module {name!r}: its weight holds {bad} NaN/Inf values, which no integer grid represents; "
+                             f"repair the weights (torch.nan_to_num) or keep the layer float with exclude=[{name!r}]")
