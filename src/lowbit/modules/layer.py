@@ -76,6 +76,10 @@ class QuantLayer(QuantWeight):
     def op(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
 
+    def gemm_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """The vectors the GEMM weight multiplies, ``[groups, n, d]`` (GPTQ's Hessian, AWQ)."""
+        raise NotImplementedError
+
     # -- weights -------------------------------------------------------------------------------
     def _gemm_shape(self) -> tuple[int, int]:
         out = self._weight_shape[0]

@@ -24,6 +24,10 @@ class QuantLinear(QuantLayer):
     def op(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return F.linear(x, weight, bias)
 
+    def gemm_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """The vectors ``W`` multiplies: the rows of ``x`` as ``[1, n, in]``."""
+        return x.reshape(1, -1, x.shape[-1])
+
     @classmethod
     def from_float(cls, module: nn.Linear, weights: QuantSpec, activations: QuantSpec | None,
                    observer: str = "minmax", weight_observer: str | None = None,
