@@ -10,7 +10,7 @@ LAYERS = {
     "ops": 1,
     "observers": 2, "qtensor": 2,
     "modules": 3,
-    "quantize": 4, "qat": 4, "transforms": 4, "gptq": 4, "batches": 4,
+    "quantize": 4, "accounting": 4, "qat": 4, "transforms": 4, "gptq": 4, "batches": 4,
     "analysis": 5, "integer": 5, "export": 5, "checkpoint": 5, "recipes": 5, "demo": 5, "train": 5,
     "cli": 6, "__main__": 6,
     "zoo": 5,   # built-in data and models: imports no other lowbit module

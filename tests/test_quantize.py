@@ -162,3 +162,26 @@ def test_half_precision_models_quantize_freeze_and_reload(tmp_path, dtype):
         # a frozen float32 model converted afterwards follows .to(dtype) too
         q32 = lb.freeze(lb.quantize(make().float(), activations=None))
         assert q32.to(dtype)(ids).dtype == dtype
+
+
+def test_activation_observer_options_do_not_clip_the_weights():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(64, 8))
+    with torch.no_grad():
+        m[0].weight[0, 0] = 5.0                                     # an outlier weight
+    q = lb.quantize(m, activations=lb.QuantSpec(bits=8), observer="percentile",
+                    observer_options={"p": 90.0})
+    wq = q[0].weight_quant
+    assert wq.observer == "minmax" and wq.observer_options == {}
+    s, z = lb.ops.choose_qparams(m[0].weight.detach(), wq.spec, "minmax")   # the min/max grid: 5.0 kept
+    torch.testing.assert_close(wq.qparams(q[0].weight)[0], s)
+    w_only = lb.quantize(m, observer="percentile", observer_options={"p": 90.0})
+    assert w_only[0].weight_quant.observer == "percentile"           # weight-only: the options are the weights'
+
+
+def test_calibration_that_saw_no_finite_value_raises_naming_the_layer():
+    q = lb.quantize(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)), activations=lb.QuantSpec(bits=8))
+    with pytest.raises(ValueError, match=r"calibration of 0\.input_quant: .*only non-finite"):
+        with lb.calibrate(q):
+            q(torch.full((3, 4), float("inf")))
+    assert not any(getattr(m, "observing", False) for m in q.modules())

@@ -1,5 +1,6 @@
 """lowbit: quantize PyTorch models onto small integer grids, understand the error, ship the result."""
 from . import analysis, export, integer, modules, observers, ops, qat, recipes, transforms
+from .accounting import Coverage, coverage
 from .analysis import analyze
 from .checkpoint import load, save
 from .export import export_onnx
@@ -13,7 +14,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ops", "observers", "modules", "transforms", "qat", "analysis", "analyze", "recipes",
     "QTensor", "QuantSpec", "PerTensor", "PerChannel", "PerGroup", "PerToken",
-    "quantize", "calibrate", "freeze", "quant_layers", "QuantInfo", "save", "load", "integer",
+    "quantize", "calibrate", "freeze", "quant_layers", "QuantInfo", "coverage", "Coverage", "save", "load", "integer",
     "gptq", "GPTQReport", "export", "export_onnx",
     "__version__",
 ]

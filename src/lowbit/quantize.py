@@ -10,9 +10,12 @@
     lb.freeze(q)
 
 ``quantize`` deep-copies the model, folds BatchNorm into the layer before it, and swaps every
-``nn.Linear``/``nn.Conv1d``/``nn.Conv2d`` (exact types) selected by ``include``/``exclude`` for its
-quantized counterpart, which fake-quantizes its weight and (if ``activations`` is given) its input.
-Layers it cannot quantize stay float and are listed in ``q.lowbit_info.skipped``. With
+``nn.Linear``/``nn.Conv1d``/``nn.Conv2d``, transformers ``Conv1D`` and their subclasses
+(:mod:`lowbit.modules.layer_types`) selected by ``include``/``exclude`` for its quantized
+counterpart (on every path that reaches it), which fake-quantizes its weight and (if
+``activations`` is given) its input. Layers it cannot quantize stay float and are listed in
+``q.lowbit_info.skipped``; ``q.lowbit_coverage`` (:mod:`lowbit.accounting`) lists every layer, settles
+tied weights and names Linear-like layers left float at WARNING. With
 ``embeddings=spec`` every selected ``nn.Embedding`` becomes a weight-only
 :class:`~lowbit.modules.QuantEmbedding` too (by default embeddings stay float).
 """
@@ -28,10 +31,16 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from .modules import QUANT_TYPES, ActQuantizer, QuantEmbedding, QuantLayer, QuantLinear, check_embedding_spec
+from .accounting import account
+from .modules import (ActQuantizer, QuantEmbedding, QuantLayer, QuantLinear, check_embedding_spec, make_quant_layer,
+                      quant_class_for)
+from .modules.layer import weight_range_method
+from .modules.layer_types import check_finite_weight
 from .modules.linear import KERNELS
-from .modules.tree import set_module
+from .modules.sharing import share_frozen_codes, tied_quant_groups
+from .modules.tree import replace_module
 from .spec import PerChannel, QuantSpec
+from .transforms.dataflow import is_norm
 from .transforms.fold_bn import fold_batchnorm
 
 __all__ = ["quantize", "calibrate", "freeze", "QuantInfo", "quant_layers", "frozen_quant_layers", "quant_embeddings", "DEFAULT_WEIGHTS"]
@@ -105,12 +114,25 @@ def _check_patterns(arg: str, patterns, names: list[str]) -> list[str] | None:
     return patterns
 
 
-def _why_not(module: nn.Module, parent: nn.Module | None) -> str | None:
+def _layer_class(module: nn.Module, parent: nn.Module | None) -> tuple[type | None, str | None]:
+    """The quantized class for ``module`` and None, or None and why it stays float."""
     if isinstance(parent, nn.MultiheadAttention):
-        return "inside nn.MultiheadAttention, which reads the weights directly"
-    if type(module) in QUANT_TYPES:
-        return None
-    return f"{type(module).__name__} is not supported (lowbit quantizes {', '.join(t.__name__ for t in QUANT_TYPES)})"
+        return None, "inside nn.MultiheadAttention, which reads the weights directly"
+    cls, why = quant_class_for(module)
+    if cls is None and why is None:
+        why = _float_reason(module)
+    return cls, why
+
+
+def _float_reason(module: nn.Module) -> str:
+    name = type(module).__name__
+    if type(module) is nn.Embedding:
+        return "Embedding table (pass embeddings=QuantSpec(...) to quantize it)"
+    if isinstance(module, nn.Embedding):
+        return f"{name} is an nn.Embedding subclass with its own forward; lowbit quantizes plain nn.Embedding tables"
+    if is_norm(module) or isinstance(module, nn.modules.batchnorm._NormBase):
+        return f"{name} is a normalization layer (not supported: it stays float, as in int8 inference engines)"
+    return f"{name} is not supported (lowbit quantizes Linear, Conv1d, Conv2d, transformers' Conv1D and their subclasses)"
 
 
 def quantize(model: nn.Module, weights: QuantSpec = DEFAULT_WEIGHTS, activations: QuantSpec | None = None,
@@ -126,7 +148,10 @@ def quantize(model: nn.Module, weights: QuantSpec = DEFAULT_WEIGHTS, activations
         activations: grid of each quantized layer's input, or None for weight-only quantization.
             Static activations need ``lb.calibrate``; ``dynamic=True`` ones do not.
         observer: range estimator for activations and weights (``"minmax"``, ``"mse"``,
-            ``"entropy"``, ``"percentile"``, ...); ``weight_observer`` overrides it for weights.
+            ``"entropy"``, ``"percentile"``, ...); ``weight_observer`` overrides it for weights. With
+            activations, ``observer_options`` are the activations' only, and a clipping observer
+            (percentile, entropy, moving average) gives the weights min/max (see
+            :func:`lowbit.modules.layer.weight_range_method`).
         include / exclude: glob patterns over module names (``"features.*"``, ``"classifier"``).
         fold_bn: fold BatchNorm into the preceding layer first.
         embeddings: grid of the ``nn.Embedding`` tables (weight-only, e.g.
@@ -145,7 +170,7 @@ def quantize(model: nn.Module, weights: QuantSpec = DEFAULT_WEIGHTS, activations
         check_embedding_spec(embeddings)
     if any(isinstance(m, (QuantLayer, QuantEmbedding)) for m in model.modules()):
         raise ValueError("model is already quantized; pass the float model to lb.quantize")
-    if type(model) in QUANT_TYPES or type(model) is nn.Embedding:
+    if quant_class_for(model)[0] is not None or type(model) is nn.Embedding:
         raise ValueError(f"model is a single {type(model).__name__}; lb.quantize replaces the layers inside a "
                          f"model: wrap it, e.g. lb.quantize(nn.Sequential(layer), ...)")
     names = [n for n, _ in model.named_modules() if n]
@@ -172,23 +197,23 @@ def quantize(model: nn.Module, weights: QuantSpec = DEFAULT_WEIGHTS, activations
             if module.max_norm is not None:
                 info.skipped[name] = "nn.Embedding with max_norm (it renormalizes its table on every lookup)"
                 continue
-            set_module(q, name, QuantEmbedding.from_float(module, embeddings, weight_observer or observer,
-                                                           observer_options if weight_observer is None else None))
+            check_finite_weight(name, module)
+            replace_module(q, module, QuantEmbedding.from_float(
+                module, embeddings, *weight_range_method(observer, weight_observer, observer_options, activations)))
             info.quantized_embeddings.append(name)
             continue
-        why = _why_not(module, parent)
-        if why is not None:
+        cls, why = _layer_class(module, parent)
+        if cls is None:
             info.skipped[name] = why
             continue
-        new = QUANT_TYPES[type(module)].from_float(module, weights, activations, observer,
-                                                   weight_observer, observer_options)
-        set_module(q, name, new)
+        check_finite_weight(name, module)
+        replace_module(q, module, make_quant_layer(cls, module, weights, activations, observer,
+                                                   weight_observer, observer_options))
         info.quantized.append(name)
     if not info.quantized and not info.quantized_embeddings:
         raise ValueError("no layer was quantized: the model has no nn.Linear/nn.Conv1d/nn.Conv2d selected by "
                          f"include/exclude (skipped: {info.skipped or 'none'})")
-    for name, why in info.skipped.items():
-        log.info("lowbit: %s stays float: %s", name, why)
+    q.lowbit_coverage = account(q, info.skipped, include, exclude)   # ties settled, float layers reported
     _keep_fused_paths_off(q)
     q.lowbit_info = info
     return q
@@ -234,7 +259,15 @@ def calibrate(model: nn.Module) -> Iterator[nn.Module]:
         if not ok:
             for _, aq in quantizers:
                 aq.observing = False
-    missing = [name for name, aq in quantizers if not aq.finish_observing()]
+    missing = []
+    for i, (name, aq) in enumerate(quantizers):
+        try:
+            if not aq.finish_observing():
+                missing.append(name)
+        except ValueError as e:   # an observer that saw only NaN/Inf: name the layer, leave no one observing
+            for _, other in quantizers[i:]:
+                other.observing = False
+            raise ValueError(f"calibration of {name}: {e}") from e
     if quantizers and len(missing) == len(quantizers):
         raise ValueError("calibration saw no batch: run the model on calibration inputs inside "
                          "`with lb.calibrate(q): q(x)`")
@@ -270,6 +303,7 @@ def freeze(model: nn.Module, kernel: str = "auto") -> nn.Module:
         if layer.input_quant is not None and not layer.input_quant.calibrated and f"{name}.input_quant" not in skip:
             raise ValueError(f"layer {name!r}: input quantizer is not calibrated; run `with lb.calibrate(q): ...` "
                              "on some batches before lb.freeze")
+    tied = tied_quant_groups([m for _, m in layers + tables])   # one tensor -> one set of codes
     for name, layer in layers:
         for attr in ("weight_quant", "input_quant"):  # QAT quantizers (lowbit.qat) hand over their learned grids
             qz = getattr(layer, attr)
@@ -282,4 +316,5 @@ def freeze(model: nn.Module, kernel: str = "auto") -> nn.Module:
             layer.set_kernel(kernel)
     for _, table in tables:
         table.freeze()
+    share_frozen_codes(tied)
     return model

@@ -131,6 +131,7 @@ _A8 = QuantSpec(bits=8, symmetric=False)
 
 for _r in (
     Recipe("w8a8", "int8 per-channel weights, int8 per-tensor activations, min/max ranges", _W8, _A8),
+    Recipe("w8", "int8 per-channel weights (weight-only), min/max ranges", _W8),
     Recipe("w8a8-mse", "W8A8 with MSE-optimal ranges", _W8, _A8, observer="mse"),
     Recipe("w8a8-entropy", "W8A8 with KL (TensorRT entropy) activation ranges, max-abs weights", _W8, _A8,
            observer="entropy", weight_observer="minmax"),

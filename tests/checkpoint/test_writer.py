@@ -80,3 +80,11 @@ def test_unfrozen_model_is_saved_with_a_warning(tmp_path, caplog):
     assert not qmap["layers"]["0"]["frozen"]
     t = safetensors.torch.load_file(str(tmp_path / "qat.safetensors"))
     assert t["0.weight"].dtype == torch.float32 and "0.weight_codes" not in t
+
+
+def test_save_to_a_directory_names_the_argument(tmp_path):
+    q = lb.quantize(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+    lb.freeze(q)
+    with pytest.raises(ValueError, match="path .* is a directory; pass the checkpoint file"):
+        lb.save(q, tmp_path)
+    assert list(tmp_path.iterdir()) == []                             # nothing written

@@ -25,10 +25,29 @@ def test_bad_arguments_fail_cleanly_and_write_nothing(tmp_path, capsys):
     assert main(["analyze", "--recipe", "w3a3", "--out", str(out)]) == 2
     assert "recipe must be one of" in capsys.readouterr().err
     assert not out.exists()
-    for bad in (["--samples", "0"], ["--model", "imagenet"]):
-        with pytest.raises(SystemExit):
-            main(["analyze", *bad, "--out", str(out)])
+    with pytest.raises(SystemExit):
+        main(["analyze", "--samples", "0", "--out", str(out)])
+    assert main(["analyze", "--model", "imagenet", "--out", str(out)]) == 2
+    assert "--model must be digits, mnist1d, minilm or package.module:factory" in capsys.readouterr().err
+    assert main(["analyze", "--model", "digits", "--state-dict", "w.pt", "--out", str(out)]) == 2
+    assert "--state-dict is for user models" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_user_model_is_analysed(tmp_path, capsys, user):
+    out = tmp_path / "report"
+    rc = main(["analyze", "--model", "usermodels:mlp", "--state-dict", str(user["state_dict"]),
+               "--calibration", str(user["calibration"]), "--test", str(user["test"]), "--recipe", "w8a8",
+               "--out", str(out), "--json"])
+    assert rc == 0, capsys.readouterr().err
+    result = json.loads(capsys.readouterr().out)
+    report = json.loads((out / "report.json").read_text())
+    assert result["model"] == "usermodels:mlp" and result["summary"]["samples"] == 128
+    assert sorted(r["layer"] for r in report["layers"]) == ["0", "2"]
+    assert report["model"]["accuracy_float"] == 1.0          # the test labels are the float model's predictions
+    assert main(["analyze", "--model", "usermodels:mlp", "--state-dict", str(user["state_dict"]),
+                 "--out", str(tmp_path / "r2")]) == 2
+    assert "--calibration is required" in capsys.readouterr().err
 
 
 def test_human_readable_output(tmp_path, capsys):

@@ -46,3 +46,20 @@ def test_export_bad_input_exits_2_and_writes_nothing(tmp_path, capsys):
     assert main(["export", "--model", "digits", "--recipe", "w4g32", "--out", str(tmp_path / "no" / "a.onnx")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_export_user_model(tmp_path, capsys, user):
+    out = tmp_path / "user.onnx"
+    rc = main(["export", "--model", "usermodels:mlp", "--state-dict", str(user["state_dict"]),
+               "--calibration", str(user["calibration"]), "--test", str(user["test"]), "--recipe", "w8a8",
+               "--out", str(out), "--json"])
+    assert rc == 0, capsys.readouterr().err
+    result = json.loads(capsys.readouterr().out)
+    assert out.is_file() and sorted(result["layers"]) == ["0", "2"]
+    x = user["x"][128:192]
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    y = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    q = recipes.get("w8a8").apply(user["model"], list(user["x"][:128].split(64)))
+    with torch.no_grad():
+        ref = q(x).numpy()
+    assert np.abs(y - ref).max() <= 1e-4 * np.abs(ref).max() + 1e-6   # ONNX Runtime computes lowbit's model

@@ -38,6 +38,9 @@ def test_user_model_with_calibration_and_test_files(capsys, user):
     assert code == 0, err
     s = json.loads(stdout)
     assert s["eval_on"] == "test" and s["samples"] == 128
+    cov = s["coverage"]                                           # every layer accounted for
+    linears = [n for n, m in user["model"].named_modules() if isinstance(m, torch.nn.Linear)]
+    assert sorted(cov["quantized"]) == sorted(linears) and cov["linear_like_float"] == []
     q = lb.load(user["out"], user["model"])
     x = user["x"][128:]
     with torch.no_grad():

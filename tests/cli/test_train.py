@@ -37,3 +37,28 @@ def test_train_arguments_parse_into_a_recipe(capsys):
     assert "weights must be a bit width" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "--rounding", "up"])
+
+
+def test_train_a_user_model(tmp_path, capsys, user):
+    out = tmp_path / "run"
+    train = tmp_path / "train.pt"
+    import torch
+
+    torch.save((user["x"][:128], user["y"][:128]), train)
+    code = main(["train", "--model", "usermodels:mlp", "--state-dict", str(user["state_dict"]), "--train", str(train),
+                 "--test", str(user["test"]), "--weights", "4", "--activations", "8", "--epochs", "1",
+                 "--batch-size", "32", "--out", str(out), "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    result = json.loads(captured.out)
+    assert result["float"]["accuracy"] == 1.0               # the labels are the float model's predictions
+    q = lb.load(out / "model.safetensors", user["model"])
+    x, y = user["x"][128:], user["y"][128:]
+    with torch.no_grad():
+        acc = (q(x).argmax(1) == y).double().mean().item()
+    assert acc == pytest.approx(result["quantized"]["accuracy"])
+    assert main(["train", "--model", "usermodels:mlp", "--state-dict", str(user["state_dict"]),
+                 "--out", str(tmp_path / "r2")]) == 2
+    assert "needs --state-dict" in capsys.readouterr().err
+    assert main(["train", "--model", "digits", "--train", str(train), "--out", str(tmp_path / "r3")]) == 2
+    assert "--train is for user models" in capsys.readouterr().err

@@ -106,3 +106,16 @@ def test_inference_reuses_the_fake_quantized_weight_until_the_weight_changes():
     assert torch.equal(second, ops.fake_quantize(w.detach(), wq.spec, *ops.choose_qparams(w.detach(), wq.spec)))
     y = wq(w)  # with grad enabled: a fresh differentiable tensor
     assert y.requires_grad and y is not second
+
+
+@pytest.mark.parametrize("granularity,match", [(lb.PerChannel(), "batch axis"), (lb.PerGroup(4), "static PerGroup")])
+def test_static_activation_granularity_on_the_batch_axis_is_refused(granularity, match):
+    with pytest.raises(ValueError, match=match):
+        lb.quantize(torch.nn.Sequential(torch.nn.Linear(8, 8)),
+                    activations=lb.QuantSpec(bits=8, granularity=granularity))
+    q = lb.quantize(torch.nn.Sequential(torch.nn.Linear(8, 8)),                  # the feature axis is fine
+                    activations=lb.QuantSpec(bits=8, granularity=lb.PerChannel(-1)))
+    with lb.calibrate(q):
+        q(torch.randn(4, 8))
+    assert q[0].input_quant.scale.shape == (8,)
+    assert q(torch.randn(3, 8)).shape == (3, 8)                                 # another batch size works

@@ -206,3 +206,17 @@ def test_grids_can_be_set_again_on_a_prepared_model():
     assert torch.equal(lb.qat.qparams(q)["3.weight.scale"], torch.full((4,), 0.5))
     assert torch.equal(q[3].weight_quant.eval()(w), ops.fake_quantize(w, q[3].weight_quant.spec, torch.full((4,), 0.5),
                                                                      torch.zeros(4, dtype=torch.int32)))
+
+
+def test_a_step_pushed_below_zero_still_gets_a_gradient():
+    """LSQ steps are floored at the smallest positive float; the floor must not cut the gradient
+    (with clamp_min a step that reached it would stay there for the rest of training)."""
+    q = _quantized()
+    lb.qat.prepare(q, learn_scales=True)
+    with torch.no_grad():
+        q[3].weight_quant.scale.fill_(-1e-3)                        # an optimizer step overshot
+    x, y = _task(32)
+    q.train()
+    F.cross_entropy(q(x), y).backward()
+    g = q[3].weight_quant.scale.grad
+    assert g is not None and bool((g != 0).any())

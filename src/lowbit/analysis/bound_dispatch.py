@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..modules import ActQuantizer, QuantLayer
+from ..modules import ActQuantizer, QuantLayer, QuantLinear, quant_class_for
 from .bound_back import Lin
 from .bound_rules import (Unsupported, V, _float_op, _pool_windows, _zero, act_quant, avgpool, batchnorm, identity,
                           layer_rule, maxpool, monotone, structural, unit_roundoff)
@@ -23,7 +23,6 @@ _MONOTONE_MODULES = (nn.ReLU, nn.Hardtanh, nn.LeakyReLU, nn.Sigmoid, nn.Tanh)  #
 _IDENTITY_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout)
 _MAXPOOL = (nn.MaxPool1d, nn.MaxPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)
 _AVGPOOL = (nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)
-_FLOAT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
 
 def module_rule(m: nn.Module, pairs: dict, name: str, dtype: torch.dtype, device: torch.device,
@@ -39,12 +38,15 @@ def module_rule(m: nn.Module, pairs: dict, name: str, dtype: torch.dtype, device
             v, back = act_quant(m, x, u, rounding)
             return (v, back) if back is not None else identity(x)
         return quant
-    if type(m) in _FLOAT_LAYERS:
-        kind = "linear" if isinstance(m, nn.Linear) else "conv"
+    cls, _ = quant_class_for(m)   # Linear/Conv (or a subclass computing their function), transformers' Conv1D
+    if cls is not None:
+        kind = "linear" if issubclass(cls, QuantLinear) else "conv"
         ul = unit_roundoff(dtype, device, kind)
         if kind == "conv" and m.padding_mode != "zeros":
             raise Unsupported(f"{type(m).__name__} with padding_mode={m.padding_mode!r}")
-        return lambda x: layer_rule(_float_op(m), m.weight.detach(), m.weight.detach(), m.bias, x, None, ul, u)
+        w = cls.float_gemm_weight(m).detach()                          # Conv1D: its [out, in] view
+        op = F.linear if kind == "linear" else _float_op(m)
+        return lambda x: layer_rule(op, w, w, m.bias, x, None, ul, u)
     if isinstance(m, _IDENTITY_MODULES):
         if isinstance(m, nn.Identity) or not m.training or m.p == 0:
             return identity

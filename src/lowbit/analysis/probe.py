@@ -23,8 +23,9 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..modules import QuantLayer, WeightQuantizer
+from ..modules import QuantLayer, WeightQuantizer, float_gemm_weight
 from ..quantize import quant_layers
+from ..transforms.dataflow import norm_offset
 from ..transforms.fold_bn import fold_batchnorm
 from ..transforms.smooth_quant import SmoothedLinear
 from .batches import output_tensor, run_batch
@@ -92,9 +93,10 @@ def _reference_weight(ref: nn.Module, q: nn.Module, name: str, shape: tuple) -> 
     """
     def weight_at(model: nn.Module, path: str):
         try:
-            w = getattr(model.get_submodule(path), "weight", None)
+            m = model.get_submodule(path)
         except AttributeError:
             return None
+        w = float_gemm_weight(m) if isinstance(getattr(m, "weight", None), torch.Tensor) else None   # Conv1D: [out, in]
         return w.detach() if isinstance(w, torch.Tensor) and tuple(w.shape) == shape else None
 
     parent, _, leaf = name.rpartition(".")
@@ -109,8 +111,9 @@ def _reference_weight(ref: nn.Module, q: nn.Module, name: str, shape: tuple) -> 
         layer = None if info is None else info.layers.get(name)
         if layer is not None and layer.how.startswith("folded into "):   # the norm holds every folded factor
             norm = layer.how.removeprefix("folded into ")
+            offset = norm_offset(ref.get_submodule(norm)) or 0.0            # Gemma: x * (1 + gamma)
             gamma_f, gamma_q = ref.get_submodule(norm).weight.detach(), q.get_submodule(norm).weight.detach()
-            return w * (gamma_f / gamma_q).to(w)
+            return w * ((offset + gamma_f.float()) / (offset + gamma_q.float())).to(w)
     return w
 
 

@@ -13,7 +13,7 @@ import torch
 
 from torch import nn
 
-from ..modules import ActQuantizer, QuantEmbedding, QuantLayer, WeightQuantizer
+from ..modules import ActQuantizer, QuantEmbedding, QuantLayer, WeightQuantizer, float_gemm_weight, is_linear_like, linear_features
 from ..ops import packing
 from ..qtensor import QTensor
 from ..modules.tree import set_module
@@ -37,7 +37,7 @@ def _check_architecture(qmap: dict, model_like: nn.Module) -> None:
         if type(m).__name__ != entry["float_class"]:
             raise ValueError(f"model_like does not fit the checkpoint: module {name!r} is a {type(m).__name__}, the "
                              f"checkpoint holds a quantized {entry['float_class']}{hint}")
-        shape = list(getattr(m, "weight", torch.empty(0)).shape)
+        shape = list(float_gemm_weight(m).shape) if hasattr(m, "weight") else []   # Conv1D: its [out, in] view
         if shape != entry["weight_shape"]:
             raise ValueError(f"model_like does not fit the checkpoint: {name}.weight has shape {shape}, the checkpoint's "
                              f"has {entry['weight_shape']}{hint}")
@@ -52,13 +52,13 @@ def _with_smoothing(qmap: dict, model_like: nn.Module) -> nn.Module:
         return model_like
     for name in missing:
         m = modules.get(name)
-        if not isinstance(m, nn.Linear):
+        if not is_linear_like(m):
             raise ValueError(f"model_like does not fit the checkpoint: module {name!r} should be an nn.Linear "
                              f"(the checkpoint smooths its input), got {type(m).__name__ if m is not None else 'nothing'}")
     model_like = copy.deepcopy(model_like)
     for name in missing:
         linear = model_like.get_submodule(name)
-        set_module(model_like, name, SmoothedLinear(linear, torch.ones(linear.in_features, device=linear.weight.device)))
+        set_module(model_like, name, SmoothedLinear(linear, torch.ones(linear_features(linear)[0], device=linear.weight.device)))
     return model_like
 
 

@@ -133,6 +133,9 @@ def save(q: nn.Module, path: str | os.PathLike) -> Path:
         raise TypeError(f"q must be a torch.nn.Module, got {type(q).__name__}")
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    if Path(path).is_dir():
+        raise ValueError(f"path {str(path)!r} is a directory; pass the checkpoint file to write, e.g. "
+                         f"{str(Path(path) / 'model.safetensors')!r}")
     layers = quant_layers(q)
     tables = quant_embeddings(q)
     if not layers and not tables:

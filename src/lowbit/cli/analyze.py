@@ -1,7 +1,9 @@
-"""``lowbit analyze``: where a built-in model's quantization error comes from (parsing and display only).
+"""``lowbit analyze``: where a model's quantization error comes from (parsing and display only).
 
     lowbit analyze --model digits --recipe w8a8 --out reports/digits [--budget 4] [--json]
     lowbit analyze --model minilm --recipe w8a8 --out reports/minilm      # cosine instead of KL
+    lowbit analyze --model mymodels:make_net --state-dict net.pt --calibration calib.pt \
+        [--test test.pt] --out reports/net       # a user model, as `lowbit quantize` takes it
 
 Quantizes the model with a named recipe of :mod:`lowbit.recipes` (calibrated on the training
 split, not frozen), runs :func:`lowbit.analyze` on the test split and writes ``report.json`` and a
@@ -13,23 +15,27 @@ import argparse
 import logging
 from pathlib import Path
 
-from ._args import fmt, positive_int, table
+from . import _user
+from ._args import fmt, is_factory, positive_int, table
 
 NAME = "analyze"
-HELP = "error anatomy, sensitivity, KL, certified bounds and bits of a quantized built-in model"
+HELP = "error anatomy, sensitivity, KL, certified bounds and bits of a quantized built-in or user model"
 ORDER = 40
 
 log = logging.getLogger("lowbit.cli.analyze")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", choices=("digits", "mnist1d", "minilm"), default="digits", help="built-in model")
+    p.add_argument("--model", default="digits", metavar="NAME|package.module:factory",
+                   help="a built-in model (digits, mnist1d, minilm) or a user model factory (with --state-dict, "
+                        "--calibration, optionally --test)")
     p.add_argument("--recipe", default="w8a8", help="a named recipe of lowbit.recipes (w8a8, w4a8, w4g128, ...)")
     p.add_argument("--out", required=True, type=Path, help="directory for report.json and report.html")
     p.add_argument("--samples", type=positive_int, default=None,
                    help="test inputs to analyse (default 1000; for minilm, 64 sentences)")
     p.add_argument("--budget", type=float, default=None,
                    help="average bits per weight for a mixed-precision suggestion (e.g. 4)")
+    _user.add_arguments(p)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -38,15 +44,28 @@ def run(args: argparse.Namespace) -> dict:
 
     samples = args.samples or (64 if args.model == "minilm" else 1000)
     log.info("lowbit analyze: loading %s", args.model)
-    if args.model == "minilm":
+    if is_factory(args.model):
+        recipe = recipes.get(args.recipe)
+        model, calib, test = _user.load(args)
+        if test is not None:
+            batches = list(test[0][:samples].split(args.batch_size))
+            labels = None if test[1] is None else test[1][:samples]
+        else:                 # no test set: analyse on the calibration inputs
+            batches, labels = calib, None
+        metric = "kl" if labels is not None else "auto"
+    elif args.model not in ("digits", "mnist1d", "minilm"):
+        raise ValueError(f"--model must be digits, mnist1d, minilm or package.module:factory, got {args.model!r}")
+    elif args.model == "minilm":
         from ..transformer import calibration_batches
 
+        _user.check_unused(args, args.model)
         recipe = recipes.get(args.recipe, family="transformer")   # as `lowbit quantize --model minilm`
         model, sentences = zoo.get("minilm")
         calib = [(b,) for b in calibration_batches(model, sentences[:128])]   # unpadded
         batches = [(b,) for b in zoo.tokenized_batches(model, sentences[128:128 + samples], batch_size=32)]
         labels, metric = None, "cosine"
     else:
+        _user.check_unused(args, args.model)
         recipe = recipes.get(args.recipe)
         model, data = zoo.get(args.model)
         calib = zoo.calibration_batches(data)

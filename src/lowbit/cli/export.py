@@ -1,17 +1,19 @@
-"""lowbit export: quantize a built-in model with a recipe, write it as a QDQ ONNX graph, and check
-ONNX Runtime's outputs against lowbit's (``lowbit.export.export_builtin``).
+"""lowbit export: quantize a built-in or user model with a recipe, write it as a QDQ ONNX graph, and
+check ONNX Runtime's outputs against lowbit's (``lowbit.export.export_builtin`` / ``export_model``).
 
     lowbit export --model mnist1d --recipe w8a8 --out mnist1d-w8a8.onnx
     lowbit export --model minilm --recipe w8a8 --integer --out minilm.onnx   # MatMulInteger layers
+    lowbit export --model mymodels:make_net --state-dict net.pt --calibration calib.pt --out net.onnx
 """
 from __future__ import annotations
 
 import argparse
 
-from ._args import table
+from . import _user
+from ._args import is_factory, table
 
 NAME = "export"
-HELP = "quantize a built-in model with a recipe, export it as QDQ ONNX and check it with ONNX Runtime"
+HELP = "quantize a built-in or user model with a recipe, export it as QDQ ONNX and check it with ONNX Runtime"
 ORDER = 50
 
 
@@ -19,17 +21,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..export.builtin import BUILTIN_EXPORTS
     from ..recipes import names
 
-    p.add_argument("--model", required=True, choices=BUILTIN_EXPORTS, help="a built-in model")
+    p.add_argument("--model", required=True, metavar="NAME|package.module:factory",
+                   help=f"a built-in model ({', '.join(BUILTIN_EXPORTS)}) or a user model factory (with --state-dict "
+                        "and --calibration; the first calibration batch is the example input, --test's inputs the check)")
     p.add_argument("--recipe", default="w8a8", metavar="NAME", help=f"one of {', '.join(names())} (default w8a8)")
     p.add_argument("--out", required=True, metavar="PATH", help="the .onnx file to write (its directory must exist)")
     p.add_argument("--integer", action="store_true",
                    help="write int8-able Linear layers with MatMulInteger (ONNX Runtime's int8 GEMM) instead of QDQ")
     p.add_argument("--opset", type=int, default=None, metavar="N", help="ONNX opset (default 21)")
+    _user.add_arguments(p)
 
 
 def run(args: argparse.Namespace) -> dict:
-    from ..export.builtin import export_builtin
+    from ..export.builtin import BUILTIN_EXPORTS, export_builtin, export_model
+    from ..recipes import get
 
+    if is_factory(args.model):
+        model, batches, test = _user.load(args)
+        check = test[0][:args.batch_size] if test is not None else batches[0]
+        return export_model(args.model, model, get(args.recipe), batches, check, args.out, opset=args.opset,
+                            integer=args.integer)
+    if args.model not in BUILTIN_EXPORTS:
+        raise ValueError(f"--model must be one of {', '.join(BUILTIN_EXPORTS)} or package.module:factory, "
+                         f"got {args.model!r}")
+    _user.check_unused(args, args.model)
     return export_builtin(args.model, args.recipe, args.out, opset=args.opset, integer=args.integer)
 
 

@@ -107,8 +107,13 @@ def render(result: dict) -> str:
              f"float state dict, {result['float_size_bytes']:,} bytes)",
              f"recipe {result['recipe']}: {result['description']}",
              f"quantized {len(result['quantized'])} layers; folded {len(result['folded'])} BatchNorms"]
-    for name, why in result["skipped"].items():
-        lines.append(f"  float: {name}: {why}")
+    cov = result.get("coverage") or {}
+    floats = cov.get("float", result["skipped"])
+    for name, why in floats.items():
+        mark = "  WARNING Linear-like layer stays float: " if name in cov.get("linear_like_float", ()) else "  float: "
+        lines.append(f"{mark}{name}: {why}")
+    for name, why in cov.get("untied", {}).items():
+        lines.append(f"  untied: {name}: {why}")
     metrics = [k for k in ("accuracy", "float_accuracy", "agreement", "kl", "eval_on") if result.get(k) is not None]
     if metrics:
         lines.append("  ".join(f"{k} {fmt(result[k])}" for k in metrics))

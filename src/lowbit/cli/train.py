@@ -1,9 +1,10 @@
-"""``lowbit train``: QAT fine-tuning of a built-in model (parsing and progress display only).
+"""``lowbit train``: QAT fine-tuning of a built-in or user model (parsing and progress display only).
 
     lowbit train --model mnist1d --weights 2 --activations 8 --epochs 5 --out runs/w2a8 [--json]
     lowbit train ... --resume                        # continue an interrupted run
     lowbit train ... --nproc 2                       # DistributedDataParallel on 2 local processes
     torchrun --nproc-per-node 2 -m lowbit train ...  # the same, launched by torchrun
+    lowbit train --model mymodels:make_net --state-dict net.pt --train train.pt [--test test.pt] --out runs/net
 
 The work is :func:`lowbit.train.run`; this module turns strings into a ``RunConfig``.
 """
@@ -19,7 +20,7 @@ from ..train import run as run_training
 __all__ = ["ProgressBar"]
 
 NAME = "train"
-HELP = "quantization-aware training of a built-in model"
+HELP = "quantization-aware training of a built-in or user model"
 ORDER = 30
 
 
@@ -61,7 +62,13 @@ class ProgressBar:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``lowbit train``."""
     d = RunConfig()
-    p.add_argument("--model", default=d.model, choices=["mnist1d", "digits"], help="built-in model (default %(default)s)")
+    p.add_argument("--model", default=d.model, metavar="NAME|package.module:factory",
+                   help="built-in model (mnist1d, digits; default %(default)s) or a user classifier factory with "
+                        "--state-dict and --train (and optionally --test)")
+    g = p.add_argument_group("user model (--model package.module:factory)")
+    g.add_argument("--state-dict", metavar="PATH", help="trained float weights of the user model")
+    g.add_argument("--train", metavar="PATH", help="training data (.pt): (inputs, labels) or {'inputs', 'labels'}")
+    g.add_argument("--test", metavar="PATH", help="test data (.pt) in the same form (default: the training data)")
     p.add_argument("--weights", type=int, default=d.weights, metavar="BITS", help="weight bits (default %(default)s)")
     p.add_argument("--activations", type=_bits, default=d.activations, metavar="BITS",
                    help="activation bits, 0 or none for float activations (default %(default)s)")
@@ -96,15 +103,21 @@ def run(args: argparse.Namespace) -> dict | None:
                        act_learning=args.act_learning, scale_init=args.scale_init, ste=args.ste, epochs=args.epochs,
                        lr=args.lr, batch_size=args.batch_size, weight_decay=args.weight_decay, seed=args.seed,
                        threads=args.threads)
-    out = args.out or f"lowbit-train-{args.model}-w{args.weights}a{args.activations or 'f'}"
+    user = _user_model(args)
+    stem = args.model.replace(":", "-").replace(".", "-")
+    out = args.out or f"lowbit-train-{stem}-w{args.weights}a{args.activations or 'f'}"
     logging.getLogger("lowbit.zoo.training").setLevel(logging.WARNING)  # the bar shows the epochs
     bar = ProgressBar()
     try:
         if args.nproc > 1:
+            if user is not None:
+                raise ValueError("--nproc > 1 takes built-in models only; train a user model with --nproc 1 "
+                                 "(or launch it with torchrun)")
             result = spawn(args.nproc, config, out, resume=args.resume, progress=bar, backend=args.backend)[0]
         else:
             init_from_env(args.backend)
-            result = run_training(config, out, resume=args.resume, progress=bar)
+            model, dataset = user if user is not None else (None, None)
+            result = run_training(config, out, resume=args.resume, progress=bar, model=model, dataset=dataset)
             if result["world_size"] > 1 and _rank() != 0:
                 return None  # torchrun: rank 0 reports
     except TrainingStopped as e:
@@ -112,6 +125,33 @@ def run(args: argparse.Namespace) -> dict | None:
     result["results"] = [{"stage": s, "accuracy": result[k]["accuracy"]}
                          for s, k in (("float", "float"), ("ptq", "ptq"), ("qat", "quantized"))]
     return result
+
+
+def _user_model(args: argparse.Namespace):
+    """``(float_model, Dataset)`` for ``--model package.module:factory``, else None (built-in model)."""
+    from .. import demo, zoo
+    from ._args import import_factory, is_factory
+
+    if not is_factory(args.model):
+        for flag in ("state_dict", "train", "test"):
+            if getattr(args, flag, None):
+                raise ValueError(f"--{flag.replace('_', '-')} is for user models (--model package.module:factory); "
+                                 f"built-in model {args.model!r} brings its own weights and data")
+        if args.model not in ("mnist1d", "digits"):
+            raise ValueError(f"--model must be mnist1d, digits or package.module:factory, got {args.model!r}")
+        return None
+    factory = import_factory(args.model)
+    if not args.state_dict or not args.train:
+        raise ValueError("a user model needs --state-dict (its trained float weights) and --train (a .pt file "
+                         "holding (inputs, labels): QAT trains on it)")
+    model = demo.build_user_model(factory, demo.load_state_dict_file(args.state_dict))
+    x, y = demo.load_test_file(args.train)
+    xt, yt = demo.load_test_file(args.test) if args.test else (x, y)
+    if y is None or yt is None:
+        raise ValueError("--train and --test must hold labels: torch.save((inputs, labels), path) with class indices")
+    num_classes = int(max(y.max(), yt.max())) + 1
+    return model, zoo.Dataset(name=args.model, x_train=x.float(), y_train=y.long(), x_test=xt.float(),
+                              y_test=yt.long(), num_classes=num_classes, mean=0.0, std=1.0, source=args.test or args.train)
 
 
 def _rank() -> int:

@@ -184,6 +184,9 @@ def quantize_model(model: nn.Module, recipe: Recipe, batches: Iterable | None, o
                "float_size_bytes": fsize, "ratio": fsize / size, "seconds": seconds, "cpu_seconds": cpu,
                "quantized": list(info.quantized), "skipped": dict(info.skipped),
                "folded": [list(p) for p in info.folded], "uncalibrated": list(info.uncalibrated)}
+    cov = getattr(q, "lowbit_coverage", None)
+    if cov is not None:   # every layer: quantized, or float and why; ties kept or untied
+        summary["coverage"] = cov.as_dict()
     if evaluate is not None:
         summary.update(evaluate(model, q))
     return summary

@@ -14,7 +14,7 @@ from .. import recipes, zoo
 from .onnx_export import export_onnx
 from .runtime import compare_with_onnx
 
-__all__ = ["export_builtin", "BUILTIN_EXPORTS"]
+__all__ = ["export_builtin", "export_model", "BUILTIN_EXPORTS"]
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,6 @@ def export_builtin(model: str, recipe: str, out: str | Path, *, opset: int | Non
     r = recipes.get(recipe)
     out = Path(out)
     _check_out(out)
-    t0 = time.perf_counter()
     if model == "minilm":
         st = zoo.load_minilm()
         float_model = zoo.transformer_of(st)
@@ -48,6 +47,17 @@ def export_builtin(model: str, recipe: str, out: str | Path, *, opset: int | Non
         float_model, dataset = zoo.get(model)
         batches = zoo.calibration_batches(dataset)
         check = dataset.x_test
+    return export_model(model, float_model, r, batches, check, out, opset=opset, integer=integer)
+
+
+def export_model(model: str, float_model: torch.nn.Module, r: recipes.Recipe, batches: list, check, out: str | Path,
+                 *, opset: int | None = None, integer: bool = False) -> dict:
+    """Quantize ``float_model`` with recipe ``r`` on ``batches``, export it to ``out`` (``batches[0]`` is
+    the example input), and compare ONNX Runtime with lowbit (and lowbit with float) on ``check``
+    (one model input); ``model`` names it in the summary."""
+    out = Path(out)
+    _check_out(out)
+    t0 = time.perf_counter()
     log.info("quantizing %s with %s", model, r.name)
     q = r.apply(float_model, batches)
     t1 = time.perf_counter()

@@ -74,8 +74,8 @@ def _onnx_param_layout(spec: QuantSpec, ndim: int, what: str) -> tuple[int, int]
 
 def unsupported_reason(layer: QuantLayer) -> str | None:
     """Why ``layer`` cannot be exported (``None`` if it can)."""
-    if type(layer) not in (QuantLinear, QuantConv1d, QuantConv2d):
-        return f"{type(layer).__name__} is not one of QuantLinear, QuantConv1d, QuantConv2d"
+    if not isinstance(layer, (QuantLinear, QuantConv1d, QuantConv2d)):   # QuantConv1D is a QuantLinear
+        return f"{type(layer).__name__} is not one of QuantLinear (QuantConv1D), QuantConv1d, QuantConv2d"
     if not layer.frozen:
         return "not frozen: call lb.freeze(q) before exporting"
     aq = layer.input_quant

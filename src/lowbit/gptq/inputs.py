@@ -14,51 +14,20 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
-import torch.nn.functional as F
 
-from ..modules import QuantConv1d, QuantConv2d, QuantLayer, QuantLinear
+from ..modules import QuantLayer
 
 __all__ = ["gemm_inputs", "Hessian", "run_batch", "to_device"]
-
-
-def _conv_patches(layer: QuantConv1d | QuantConv2d, x: torch.Tensor) -> torch.Tensor:
-    one_d = isinstance(layer, QuantConv1d)
-    nd = 1 if one_d else 2
-    if x.dim() == nd + 1:  # unbatched input
-        x = x.unsqueeze(0)
-    kernel, stride, dilation = (tuple(layer.kernel_size), tuple(layer.stride), tuple(layer.dilation))
-    padding = layer.padding
-    if layer.padding_mode != "zeros":
-        x = F.pad(x, layer._reversed_padding_repeated_twice, mode=layer.padding_mode)
-        padding = (0,) * nd
-    elif padding == "valid":
-        padding = (0,) * nd
-    elif padding == "same":
-        pads = []
-        for k, dil in zip(reversed(kernel), reversed(dilation)):
-            total = dil * (k - 1)
-            pads += [total // 2, total - total // 2]
-        x = F.pad(x, pads)
-        padding = (0,) * nd
-    padding = tuple(padding)
-    if one_d:
-        x = x.unsqueeze(2)
-        kernel, stride, dilation, padding = (1,) + kernel, (1,) + stride, (1,) + dilation, (0,) + padding
-    cols = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)  # [N, C*k, L]
-    g = layer.groups
-    n, ck, length = cols.shape
-    return cols.reshape(n, g, ck // g, length).permute(1, 0, 3, 2).reshape(g, n * length, ck // g)
 
 
 def gemm_inputs(layer: QuantLayer, x: torch.Tensor) -> torch.Tensor:
     """The vectors ``layer``'s GEMM weight multiplies, as ``[groups, n, d]`` (groups = 1 for Linear)."""
     if layer.input_quant is not None:
         x = layer.input_quant(x)
-    if isinstance(layer, QuantLinear):
-        return x.reshape(1, -1, x.shape[-1])
-    if isinstance(layer, (QuantConv1d, QuantConv2d)):
-        return _conv_patches(layer, x)
-    raise TypeError(f"gptq: no GEMM view for {type(layer).__name__}")
+    try:
+        return layer.gemm_inputs(x)          # each layer type says what its GEMM weight multiplies
+    except NotImplementedError:
+        raise TypeError(f"gptq: no GEMM view for {type(layer).__name__}") from None
 
 
 class Hessian:

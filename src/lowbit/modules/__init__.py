@@ -3,11 +3,16 @@ and the quantizers."""
 from .conv import QuantConv1d, QuantConv2d
 from .embedding import QuantEmbedding, check_embedding_spec
 from .layer import QuantLayer
+from .hf_conv1d import QuantConv1D
 from .linear import QuantLinear
 from .quantizer import OBSERVERS, ActQuantizer, Quantizer, WeightQuantizer, make_observer
 
-# float module type -> quantized replacement (exact types: subclasses may change the forward)
+from .layer_types import LAYER_CLASSES, float_gemm_weight, is_linear_like, linear_features, make_quant_layer, quant_class_for
+
+# float module type -> quantized replacement (the torch layers; see layer_types.quant_class_for for
+# subclasses and transformers' Conv1D)
 QUANT_TYPES = {cls.float_type: cls for cls in (QuantLinear, QuantConv1d, QuantConv2d)}
 
-__all__ = ["QuantLayer", "QuantEmbedding", "check_embedding_spec", "QuantLinear", "QuantConv1d", "QuantConv2d", "Quantizer", "WeightQuantizer",
+__all__ = ["QuantLayer", "QuantEmbedding", "check_embedding_spec", "QuantLinear", "QuantConv1d", "QuantConv2d", "QuantConv1D",
+           "LAYER_CLASSES", "quant_class_for", "make_quant_layer", "is_linear_like", "float_gemm_weight", "linear_features", "Quantizer", "WeightQuantizer",
            "ActQuantizer", "make_observer", "OBSERVERS", "QUANT_TYPES"]

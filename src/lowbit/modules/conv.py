@@ -14,8 +14,38 @@ from .layer import QuantLayer
 __all__ = ["QuantConv1d", "QuantConv2d"]
 
 
+def _conv_patches(layer: "_QuantConvNd", x: torch.Tensor, nd: int) -> torch.Tensor:
+    """im2col patches of ``x`` as ``[groups, n, in/groups * k...]`` in the GEMM weight's (channel, k...) order."""
+    one_d = nd == 1
+    if x.dim() == nd + 1:  # unbatched input
+        x = x.unsqueeze(0)
+    kernel, stride, dilation = (tuple(layer.kernel_size), tuple(layer.stride), tuple(layer.dilation))
+    padding = layer.padding
+    if layer.padding_mode != "zeros":
+        x = F.pad(x, layer._reversed_padding_repeated_twice, mode=layer.padding_mode)
+        padding = (0,) * nd
+    elif padding == "valid":
+        padding = (0,) * nd
+    elif padding == "same":
+        pads = []
+        for k, dil in zip(reversed(kernel), reversed(dilation)):
+            total = dil * (k - 1)
+            pads += [total // 2, total - total // 2]
+        x = F.pad(x, pads)
+        padding = (0,) * nd
+    padding = tuple(padding)
+    if one_d:
+        x = x.unsqueeze(2)
+        kernel, stride, dilation, padding = (1,) + kernel, (1,) + stride, (1,) + dilation, (0,) + padding
+    cols = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)  # [N, C*k, L]
+    g = layer.groups
+    n, ck, length = cols.shape
+    return cols.reshape(n, g, ck // g, length).permute(1, 0, 3, 2).reshape(g, n * length, ck // g)
+
+
 class _QuantConvNd(QuantLayer):
     _conv = staticmethod(F.conv2d)
+    _spatial = 2
 
     def __init__(self, module: nn.Module, weight_quant, input_quant) -> None:
         super().__init__(module.weight, module.bias, weight_quant, input_quant)
@@ -29,6 +59,10 @@ class _QuantConvNd(QuantLayer):
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             return self._conv(x, weight, bias, self.stride, 0, self.dilation, self.groups)
         return self._conv(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def gemm_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """The vectors the GEMM weight ``[out, in/groups * k...]`` multiplies (im2col), ``[groups, n, d]``."""
+        return _conv_patches(self, x, self._spatial)
 
     @classmethod
     def from_float(cls, module: nn.Module, weights: QuantSpec, activations: QuantSpec | None,
@@ -48,6 +82,7 @@ class QuantConv1d(_QuantConvNd):
 
     float_type = nn.Conv1d
     _conv = staticmethod(F.conv1d)
+    _spatial = 1
 
 
 class QuantConv2d(_QuantConvNd):

@@ -86,7 +86,8 @@ class QuantEmbedding(QuantWeight):
     def freeze(self) -> None:
         """Store the table as integer codes and drop the float master copy (idempotent)."""
         if not self.frozen:
-            self.set_frozen_weight(self.qweight)
+            with torch.inference_mode(False):   # codes stay ordinary tensors outside that mode
+                self.set_frozen_weight(self.qweight)
 
     def _rows(self, ids: torch.Tensor) -> torch.Tensor | None:
         """Dequantized rows ``ids`` (flat) of the frozen table, or None where rows are not byte-aligned."""

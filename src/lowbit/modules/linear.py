@@ -174,6 +174,10 @@ class QuantLinear(QuantLayer):
             return self.op(x, self.quantized_weight(), self.bias)
         return super().forward(x)
 
+    def gemm_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """The vectors ``W`` multiplies: the rows of ``x`` as ``[1, n, in]``."""
+        return x.reshape(1, -1, x.shape[-1])
+
     @classmethod
     def from_float(cls, module: nn.Linear, weights: QuantSpec, activations: QuantSpec | None,
                    observer: str = "minmax", weight_observer: str | None = None,

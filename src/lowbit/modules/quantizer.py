@@ -17,7 +17,7 @@ from torch import nn
 
 from .. import observers as _observers
 from .. import ops
-from ..spec import PerToken, QuantSpec
+from ..spec import PerChannel, PerGroup, PerToken, QuantSpec
 
 __all__ = ["Quantizer", "WeightQuantizer", "ActQuantizer", "make_observer", "OBSERVERS"]
 
@@ -102,7 +102,9 @@ class WeightQuantizer(Quantizer):
         """``(scale, zero_point)`` for weight ``w`` (cached; refitted when ``w`` changed)."""
         key = (w.data_ptr(), w._version, tuple(w.shape))
         if self.scale is None or (not self.fixed and key != self._key):
-            with torch.no_grad():
+            # ordinary tensors even when the forward runs under torch.inference_mode: the grid
+            # outlives the call (QAT, the cache key's version counter)
+            with torch.inference_mode(False), torch.no_grad():
                 s, z = ops.choose_qparams(self.gemm_view(w.detach()), self.spec, self.observer, **self.observer_options)
             self.scale, self.zero_point = s, z
             self._key = key
@@ -149,6 +151,14 @@ class ActQuantizer(Quantizer):
         super().__init__(spec, ste)
         if isinstance(spec.granularity, PerToken) and not spec.dynamic:
             raise ValueError("activations: PerToken() needs dynamic=True (token counts vary between inputs)")
+        g = spec.granularity
+        if not spec.dynamic and isinstance(g, PerChannel) and g.axis == 0:
+            raise ValueError("activations: PerChannel(axis=0) is the batch axis of an activation (one calibrated "
+                             "scale per sample of the calibration batch); use PerChannel(axis=-1) for the features of "
+                             "a Linear input or PerChannel(axis=1) for the channels of a convolution input")
+        if not spec.dynamic and isinstance(g, PerGroup):
+            raise ValueError("activations: static PerGroup scales have the activation's shape (batch and sequence "
+                             "axes included), which changes from batch to batch; use dynamic=True, or PerChannel(axis=-1)")
         self.observer_name = observer
         self.observer_options = dict(observer_options or {})
         if not spec.dynamic:

@@ -92,7 +92,14 @@ class Observer:
         return self._shape is not None
 
     def update(self, x: torch.Tensor) -> "Observer":
-        """Fold the batch ``x`` into the statistics; returns ``self``."""
+        """Fold the batch ``x`` into the statistics; returns ``self``.
+
+        Under ``torch.inference_mode`` (``SentenceTransformer.encode`` runs there) the statistics are
+        still kept as ordinary tensors, so later batches outside that mode can update them in place.
+        """
+        if torch.is_inference_mode_enabled():
+            with torch.inference_mode(False):
+                return self.update(x)
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if not x.is_floating_point():
@@ -118,8 +125,11 @@ class Observer:
         if not all_finite:
             self.nonfinite_count += int((~torch.isfinite(x)).sum())
             finite = torch.isfinite(rows)
+            self._finite_seen = self.__dict__.get("_finite_seen", False) or bool(finite.any())
             lo = torch.where(finite, rows, torch.inf).amin(dim=1)
             hi = torch.where(finite, rows, -torch.inf).amax(dim=1)
+        else:
+            self._finite_seen = True
         self._update_rows(rows, lo, hi, all_finite)
         self.batches += 1
         return self
@@ -133,6 +143,10 @@ class Observer:
     def range(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The calibrated real range ``(lo, hi)``, one entry per scale row."""
         self._require_data()
+        if not self.__dict__.get("_finite_seen", True):
+            raise NotCalibratedError(
+                f"{type(self).__name__} saw only non-finite values ({self.nonfinite_count} NaN/Inf and no finite "
+                "value): check the calibration inputs, or the layer before this one (an overflow in float16?)")
         return self._range()
 
     def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,6 +176,7 @@ class Observer:
             self._load_state({k: v.clone() for k, v in other._state().items()})
         else:
             self._merge_state(other)
+        self._finite_seen = self.__dict__.get("_finite_seen", True) or other.__dict__.get("_finite_seen", True)
         self.nonfinite_count += other.nonfinite_count
         self.batches += other.batches
         return self

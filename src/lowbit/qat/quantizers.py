@@ -35,7 +35,13 @@ ACT_LEARNING = ("lsq", "pact", None)
 
 
 def _effective(scale: torch.Tensor) -> torch.Tensor:
-    return scale.clamp_min(torch.finfo(scale.dtype).tiny)
+    """The step used: ``scale`` floored at the smallest positive float, with a straight-through gradient.
+
+    ``clamp_min`` alone has zero gradient below the floor, so a learned step that an optimizer
+    pushed to <= 0 would never receive a gradient again; here the gradient always reaches ``scale``
+    (so the loss can push it back up)."""
+    floored = scale.clamp_min(torch.finfo(scale.dtype).tiny)
+    return floored.detach() + (scale - scale.detach())   # value: floored exactly; d/dscale: 1
 
 
 def _make_learnable(module: nn.Module, value: torch.Tensor) -> None:

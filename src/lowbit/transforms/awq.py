@@ -51,7 +51,11 @@ from ..spec import PerToken, QuantSpec
 from .dataflow import trace_linear_inputs
 from .pipeline import register_transform
 from ..modules.tree import set_module
-from .smooth_quant import SmoothedLinear, _patterns, fold_into_norm
+from ..modules import float_gemm_weight
+from .dataflow import linear_layers
+from .smooth_quant import (SmoothedLinear, _patterns, check_norm_fold, fold_into_norm, foldable_norm, norm_probe,
+                           tied_layers)
+from .verify import check_preserved
 
 __all__ = ["awq", "awq_factors", "layer_error", "AWQInfo", "AWQLayer"]
 
@@ -203,9 +207,9 @@ def awq(model: nn.Module, batches: Iterable, weights: QuantSpec, *, grid: int = 
     options = dict(observer_options or {})
     data = _batches.as_batches(batches)
     out = copy.deepcopy(model)
-    linear_names = [n for n, m in out.named_modules() if type(m) is nn.Linear]
+    linear_names = [n for n, _ in linear_layers(out)]
     if not linear_names:
-        raise ValueError("awq: model has no nn.Linear layer to scale")
+        raise ValueError("awq: model has no nn.Linear (or transformers Conv1D) layer to scale")
     include = _patterns("include", include, linear_names)
     exclude = _patterns("exclude", exclude, linear_names)
     modules = dict(out.named_modules())
@@ -221,10 +225,14 @@ def awq(model: nn.Module, batches: Iterable, weights: QuantSpec, *, grid: int = 
 
     info = AWQInfo(weights=weights, grid=grid)
     selected = []
+    tied = tied_layers(out, linear_names)
     for name in linear_names:
         if include is not None and not any(fnmatch.fnmatchcase(name, p) for p in include):
             continue
         if exclude is not None and any(fnmatch.fnmatchcase(name, p) for p in exclude):
+            continue
+        if name in tied:
+            info.skipped[name] = tied[name]
             continue
         if stats[name].n == 0:
             info.skipped[name] = "no calibration batch reached it"
@@ -237,8 +245,15 @@ def awq(model: nn.Module, batches: Iterable, weights: QuantSpec, *, grid: int = 
     for norm_name, group in readers.items():
         if not flow.foldable(norm_name, group) or not all(n in selected for n in group):
             continue
-        alpha, s, rtn, err = _search([modules[n].weight for n in group], stats[group[0]], spec, observer, options, grid)
-        fold_into_norm(modules[norm_name], s, [modules[n] for n in group])
+        offset, why_not = foldable_norm(modules, norm_name)
+        if offset is None:
+            log.info("awq: not folding into %s: %s", norm_name, why_not)
+            continue
+        alpha, s, rtn, err = _search([float_gemm_weight(modules[n]) for n in group], stats[group[0]], spec, observer,
+                                     options, grid)
+        probe, before = norm_probe(modules[norm_name])
+        fold_into_norm(modules[norm_name], s, [modules[n] for n in group], offset)
+        check_norm_fold(norm_name, modules[norm_name], probe, before, s)
         for n in group:
             info.layers[n] = AWQLayer(f"folded into {norm_name}", alpha, rtn, err)
             folded.add(n)
@@ -251,19 +266,22 @@ def awq(model: nn.Module, batches: Iterable, weights: QuantSpec, *, grid: int = 
             info.skipped[name] = "its input is not a norm output read only by linear layers; explicit=False"
             continue
         lin = modules[name]
-        alpha, s, rtn, err = _search([lin.weight], stats[name], spec, observer, options, grid)
+        g = float_gemm_weight(lin)
+        alpha, s, rtn, err = _search([g], stats[name], spec, observer, options, grid)
         if alpha == 0.0:   # s = 1: nothing to gain, keep the plain layer
             info.layers[name] = AWQLayer("unchanged", alpha, rtn, err)
             continue
         with torch.no_grad():
-            lin.weight.mul_(s.to(lin.weight))
-        wrapped = SmoothedLinear(lin, s.to(lin.weight.device))
+            g.mul_(s.to(g))
+        wrapped = SmoothedLinear(lin, s.to(g.device))
         if name:
             set_module(out, name, wrapped)
         else:          # the model is the linear layer itself
             out = wrapped
         info.layers[name] = AWQLayer("explicit", alpha, rtn, err)
     log.info("awq: %d linear layers scaled (%d folded), %d skipped", len(info.layers), len(folded), len(info.skipped))
+    check_preserved(model, out, data[0], lambda m, b: _batches.call(m, b, device), "awq",
+                    sorted(n for n, v in info.layers.items() if v.how != "unchanged"))
     out.lowbit_awq = info
     return out
 

@@ -27,11 +27,57 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-__all__ = ["LinearInput", "Dataflow", "trace_linear_inputs", "is_norm"]
+from ..modules import QuantLayer, QuantLinear, quant_class_for
+
+__all__ = ["LinearInput", "Dataflow", "trace_linear_inputs", "is_norm", "norm_offset", "linear_layers"]
 
 _ALIAS = {F.dropout, torch.dropout, torch.Tensor.contiguous, torch.Tensor.to, torch.Tensor.float,
           torch.Tensor.detach}
 _RESHAPE = {torch.Tensor.view, torch.Tensor.reshape, torch.reshape}
+
+
+def linear_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The float layers computing ``x @ W^T + b`` on the last dimension, by name: ``nn.Linear`` and
+    subclasses that keep its function, transformers' ``Conv1D`` (see :mod:`lowbit.modules.layer_types`)."""
+    out = []
+    for n, m in model.named_modules():
+        cls, _ = quant_class_for(m)
+        if cls is not None and issubclass(cls, QuantLinear) and not isinstance(m, QuantLayer):
+            out.append((n, m))
+    return out
+
+
+@torch.no_grad()
+def norm_offset(norm: nn.Module) -> float | None:
+    """The ``c`` of a norm computing ``n(x) * (c + w) (+ b)``: 0 for LayerNorm/RMSNorm, 1 for
+    Gemma-style ``x * (1 + w)`` norms; None if it is neither (found by running it with ``w = 0`` and
+    ``w = 1`` on a random input; the weights are restored)."""
+    w = norm.weight
+    b = getattr(norm, "bias", None)
+    b = b if isinstance(b, torch.Tensor) else None
+    saved_w, saved_b = w.detach().clone(), None if b is None else b.detach().clone()
+    x = torch.randn(4, w.numel(), generator=torch.Generator().manual_seed(0)).to(w.device, w.dtype)
+    try:
+        w.zero_()
+        if b is not None:
+            b.zero_()
+        y0 = norm(x).float()
+        w.fill_(1.0)
+        y1 = norm(x).float()
+    except Exception:  # noqa: BLE001 - a norm that cannot run on [4, C] is not one we can fold into
+        return None
+    finally:
+        w.copy_(saved_w)
+        if b is not None:
+            b.copy_(saved_b)
+    if not isinstance(y0, torch.Tensor) or y0.shape != x.shape:
+        return None
+    scale = max(y1.abs().max().item(), 1e-12)
+    if y0.abs().max().item() <= 1e-6 * scale:
+        return 0.0
+    if (y1 - 2 * y0).abs().max().item() <= 1e-4 * scale:
+        return 1.0
+    return None
 
 
 def is_norm(m: nn.Module) -> bool:
@@ -97,6 +143,11 @@ class _Tracer(TorchFunctionMode):
             name = self.linear_of_weight[id(args[1])]
             self._record_linear(name, args[0])
             rest = list(args[2:]) + list(kwargs.values())
+        elif func is torch.addmm and len(args) >= 3 and id(args[2]) in self.linear_of_weight:
+            # transformers' Conv1D: addmm(bias, x.view(-1, in), W[in, out])
+            name = self.linear_of_weight[id(args[2])]
+            self._record_linear(name, args[1])
+            rest = [args[0]] + list(args[3:]) + list(kwargs.values())
         else:
             rest = list(args) + list(kwargs.values())
         flat, _ = tree_flatten(rest)
@@ -128,10 +179,11 @@ class _Tracer(TorchFunctionMode):
 def trace_linear_inputs(model: nn.Module, batches: list, call) -> Dataflow:
     """Run ``model`` on every batch (``call(model, batch)``) and return the :class:`Dataflow`.
 
-    Only ``nn.Linear`` modules (exact type) are tracked. The model runs in eval mode, without
-    gradients; its parameters are not changed.
+    The linear layers tracked are those :func:`linear_layers` names (``nn.Linear``, its subclasses that
+    keep its function, transformers' ``Conv1D``). The model runs in eval mode, without gradients; its
+    parameters are not changed.
     """
-    linear_of_weight = {id(m.weight): n for n, m in model.named_modules() if type(m) is nn.Linear}
+    linear_of_weight = {id(m.weight): n for n, m in linear_layers(model)}
     flow = Dataflow()
     tracer = _Tracer(linear_of_weight, flow)
 

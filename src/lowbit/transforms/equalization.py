@@ -35,7 +35,9 @@ from torch import nn
 
 from ..modules import QuantLayer
 from .bound import BoundedReLU
+from .. import batches as _batches
 from .fold_bn import fold_batchnorm, module_calls
+from .verify import check_preserved
 
 __all__ = ["equalize", "find_equalization_pairs", "EqualizationPair"]
 
@@ -229,13 +231,17 @@ def _equalize_pair(model: nn.Module, pair: EqualizationPair) -> float:
     return float(s.log().abs().max())
 
 
-def equalize(model: nn.Module, iterations: int = 100, tol: float = 1e-6) -> nn.Module:
+def equalize(model: nn.Module, iterations: int = 100, tol: float = 1e-6, *, reference=None) -> nn.Module:
     """A cross-layer-equalized copy of the float ``model`` (which is not modified).
 
     BatchNorm is folded into the layer before it, then every pair found by
     :func:`find_equalization_pairs` is rescaled (see the module docstring) for up to ``iterations``
     sweeps, stopping early once no factor changes by more than ``tol`` (relative). Apply before
     ``lb.quantize``. The equalized pairs are listed in ``copy.lowbit_equalized``.
+
+    ``reference`` (one model input, as a calibration batch; recipes pass their first batch): the
+    copy must compute ``model``'s function on it (relative change <= 1e-4, see
+    :mod:`lowbit.transforms.verify`), else ``ValueError`` names the equalized pairs.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -256,4 +262,8 @@ def equalize(model: nn.Module, iterations: int = 100, tol: float = 1e-6) -> nn.M
             break
     log.info("lowbit: equalized %d layer pairs in %d sweeps", len(pairs), sweep + 1 if pairs else 0)
     out.lowbit_equalized = pairs
+    if reference is not None:
+        device = _batches.model_device(out)
+        check_preserved(model, out, reference, lambda m, b: _batches.call(m, b, device), "equalize",
+                        [f"{p.first}->{p.second}" for p in pairs])
     return out

@@ -9,7 +9,10 @@ after ``x = W * u + b`` it folds into the layer::
 so the quantized model has one weight tensor per layer and no float BatchNorm (Jacob et al. 2018,
 "Quantization and Training of Neural Networks for Efficient Integer-Arithmetic-Only Inference").
 Pairs are found by tracing the model with ``torch.fx`` (a layer whose only user is a BatchNorm),
-or, where tracing fails, as neighbours inside ``nn.Sequential`` containers.
+or, where tracing fails, as neighbours inside ``nn.Sequential`` containers (WARNING naming the
+BatchNorm layers left unfolded). Each fold checks itself: on a random probe input the folded layer
+must give what layer + BatchNorm (eval mode) gave, else ``ValueError`` names the pair. Folding a
+model in training mode is logged at WARNING (running statistics are frozen into the weights).
 """
 from __future__ import annotations
 
@@ -17,9 +20,11 @@ import collections
 import logging
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..modules.tree import set_module
+from .verify import tolerance
 
 __all__ = ["fold_batchnorm", "find_conv_bn_pairs"]
 
@@ -76,9 +81,14 @@ def find_conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
     try:
         return _pairs_by_tracing(model)
     except Exception as e:  # noqa: BLE001 - tracing fails on data-dependent control flow; fall back
-        log.debug("torch.fx could not trace %s (%s); folding BatchNorm inside nn.Sequential only",
-                  type(model).__name__, e)
-        return _pairs_in_sequentials(model)
+        pairs = _pairs_in_sequentials(model)
+        folded = {bn for _, bn in pairs}
+        left = [n for n, m in model.named_modules() if isinstance(m, _NORMS) and n not in folded]
+        if left:
+            log.warning("lowbit: torch.fx could not trace %s (%s: %s); BatchNorm is folded only inside nn.Sequential, "
+                        "so %s stay unfolded (float BatchNorm after a quantized layer)", type(model).__name__,
+                        type(e).__name__, str(e).splitlines()[0][:120] if str(e) else "", left[:5])
+        return pairs
 
 
 @torch.no_grad()
@@ -88,8 +98,16 @@ def fold_batchnorm(model: nn.Module) -> list[tuple[str, str]]:
     Returns the folded ``(layer, batchnorm)`` names. Only valid for inference (BN's running stats).
     """
     pairs = find_conv_bn_pairs(model)
+    if pairs and model.training:
+        log.warning("lowbit: folding %d BatchNorm layers with their running statistics while the model is in "
+                    "training mode: the result has no BatchNorm (training it, e.g. QAT, updates no statistics); "
+                    "call model.eval() first, or pass fold_bn=False to keep BatchNorm", len(pairs))
     for layer_name, bn_name in pairs:
         layer, bn = model.get_submodule(layer_name), model.get_submodule(bn_name)
+        probe = _probe(layer)
+        expected = F.batch_norm(layer(probe).double(), bn.running_mean.double(), bn.running_var.double(),
+                                None if bn.weight is None else bn.weight.double(),
+                                None if bn.bias is None else bn.bias.double(), False, 0.0, bn.eps)
         inv_sigma = torch.rsqrt(bn.running_var.double() + bn.eps)
         gamma = bn.weight.double() if bn.weight is not None else torch.ones_like(inv_sigma)
         beta = bn.bias.double() if bn.bias is not None else torch.zeros_like(inv_sigma)
@@ -101,5 +119,22 @@ def fold_batchnorm(model: nn.Module) -> list[tuple[str, str]]:
         new_b = ((b - bn.running_mean.double()) * factor + beta).to(w.dtype)
         layer.weight = nn.Parameter(new_w, requires_grad=w.requires_grad)
         layer.bias = nn.Parameter(new_b, requires_grad=w.requires_grad)
+        got = layer(probe).double()
+        err = (got - expected).abs().max().item()
+        if not err <= tolerance(w.dtype) * max(expected.abs().max().item(), 1e-12):
+            raise ValueError(f"folding BatchNorm {bn_name!r} into {layer_name!r} ({type(layer).__name__}) changed the "
+                             f"output by {err:.3g} on a probe input: the layer does not compute its base class's "
+                             "function; pass fold_bn=False")
         set_module(model, bn_name, nn.Identity())
     return pairs
+
+
+def _probe(layer: nn.Module) -> torch.Tensor:
+    """A random input of ``layer`` (Linear: [2, in]; Conv: [2, C, k*d + 3, ...])."""
+    w = layer.weight
+    g = torch.Generator().manual_seed(0)
+    if isinstance(layer, nn.Linear):
+        shape = (2, layer.in_features)
+    else:
+        shape = (2, layer.in_channels) + tuple(k * d + 3 for k, d in zip(layer.kernel_size, layer.dilation))
+    return torch.randn(shape, generator=g).to(device=w.device, dtype=w.dtype)

@@ -53,7 +53,7 @@ def register_transform(name: str, stage: str, fn: Callable[..., nn.Module]) -> N
 
 
 register_transform("bound", "float", lambda m, batches, **o: bound_activations(m, **o))
-register_transform("equalize", "float", lambda m, batches, **o: equalize(m, **o))
+register_transform("equalize", "float", lambda m, batches, **o: equalize(m, **{"reference": batches[0], **o}))
 register_transform("bias_correction", "quantized", lambda q, batches, **o: bias_correction(q, batches, **o))
 
 

@@ -48,9 +48,11 @@ import torch
 from torch import nn
 
 from .. import batches as _batches
-from ..modules import QuantLayer
+from ..modules import QuantLayer, float_gemm_weight, is_linear_like, linear_features
 from ..modules.tree import set_module
-from .dataflow import trace_linear_inputs
+from ..modules.sharing import tied_partners
+from .dataflow import linear_layers, norm_offset, trace_linear_inputs
+from .verify import check_preserved
 from .pipeline import register_transform
 
 __all__ = ["smooth_quant", "smoothing_factors", "SmoothedLinear", "ChannelScale", "SmoothInfo",
@@ -98,11 +100,11 @@ class SmoothedLinear(nn.Module):
 
     @property
     def in_features(self) -> int:
-        return self.linear.in_features
+        return linear_features(self.linear)[0]
 
     @property
     def out_features(self) -> int:
-        return self.linear.out_features
+        return linear_features(self.linear)[1]
 
 
 @dataclass
@@ -160,21 +162,69 @@ def _patterns(arg: str, pats, names: list[str]) -> list[str] | None:
         if not isinstance(p, str):
             raise TypeError(f"{arg} must be glob patterns over linear layer names (strings), got {p!r}")
         if not any(fnmatch.fnmatchcase(n, p) for n in names):
-            raise ValueError(f"{arg} pattern {p!r} matches no nn.Linear; linear layers are named like {names[:4]}")
+            raise ValueError(f"{arg} pattern {p!r} matches no nn.Linear (or Conv1D) layer; linear layers are named like {names[:4]}")
     return pats
 
 
 @torch.no_grad()
-def fold_into_norm(norm: nn.Module, s: torch.Tensor, linears: list[nn.Module]) -> None:
+def fold_into_norm(norm: nn.Module, s: torch.Tensor, linears: list[nn.Module], offset: float = 0.0) -> None:
     """In place: ``norm``'s affine output divided by ``s`` per channel, each reader's weight columns times ``s``.
 
-    The composition is unchanged: ``W diag(s) (y / s) = W y`` for the norm output ``y``.
+    The composition is unchanged: ``W diag(s) (y / s) = W y`` for the norm output ``y``. For a norm
+    ``n(x) * (offset + w) + b`` (``offset = 1``: Gemma's ``x * (1 + w)``) the new weight is
+    ``(offset + w) / s - offset``, so ``offset + w'`` is ``(offset + w) / s``.
     """
-    norm.weight.div_(s.to(norm.weight))
-    if getattr(norm, "bias", None) is not None:
+    w = norm.weight
+    w.copy_((offset + w.float()) / s.float().to(w.device) - offset)
+    if isinstance(getattr(norm, "bias", None), torch.Tensor):
         norm.bias.div_(s.to(norm.bias))
     for lin in linears:
-        lin.weight.mul_(s.to(lin.weight))
+        g = float_gemm_weight(lin)
+        g.mul_(s.to(g))
+
+
+@torch.no_grad()
+def check_norm_fold(norm_name: str, norm: nn.Module, probe: torch.Tensor, before: torch.Tensor, s: torch.Tensor) -> None:
+    """After :func:`fold_into_norm`: ``norm(probe) * s`` must equal the output before (else raise naming it)."""
+    after = norm(probe).float() * s.float().to(probe.device)
+    err = (after - before).abs().max().item()
+    scale = max(before.abs().max().item(), 1e-12)
+    if err > 1e-4 * scale:
+        raise ValueError(f"folding a per-channel factor into {norm_name} ({type(norm).__name__}) changed its output by "
+                         f"{err / scale:.2g} (relative): it does not compute n(x) * w + b nor n(x) * (1 + w) + b; "
+                         f"pass exclude=[...] for the layers reading it, or explicit smoothing only")
+
+
+def tied_layers(model: nn.Module, names: list[str]) -> dict[str, str]:
+    """Linear layers among ``names`` whose weight is tied to another module's parameter -> why they
+    are left alone (scaling the weight in place would change the other module, e.g. an embedding)."""
+    modules = dict(model.named_modules())
+    out = {}
+    for n in names:
+        partners = tied_partners(model, modules[n])
+        if partners:
+            out[n] = (f"its weight is tied to {', '.join(partners)}; scaling it would change that too "
+                      "(untie it first to smooth it)")
+    return out
+
+
+def foldable_norm(modules: dict, norm_name: str) -> tuple[float | None, str | None]:
+    """``(offset, None)`` for a norm lowbit can fold into, else ``(None, why)``."""
+    norm = modules[norm_name]
+    if any(p is norm.weight for m in modules.values() if m is not norm for p in m.parameters(recurse=False)):
+        return None, f"{norm_name}.weight is shared with another module"
+    offset = norm_offset(norm)
+    if offset is None:
+        return None, f"{norm_name} ({type(norm).__name__}) computes neither n(x) * w + b nor n(x) * (1 + w) + b"
+    return offset, None
+
+
+def norm_probe(norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random input of ``norm`` and its output (float32), to check a fold with :func:`check_norm_fold`."""
+    w = norm.weight
+    x = torch.randn(4, w.numel(), generator=torch.Generator().manual_seed(1)).to(w.device, w.dtype)
+    with torch.no_grad():
+        return x, norm(x).float()
 
 
 def smooth_quant(model: nn.Module, batches: Iterable, alpha: float = 0.5, *, explicit: bool = True,
@@ -202,9 +252,9 @@ def smooth_quant(model: nn.Module, batches: Iterable, alpha: float = 0.5, *, exp
         raise TypeError(f"explicit must be a bool, got {explicit!r}")
     data = _batches.as_batches(batches)
     out = copy.deepcopy(model)
-    linear_names = [n for n, m in out.named_modules() if type(m) is nn.Linear]
+    linear_names = [n for n, _ in linear_layers(out)]
     if not linear_names:
-        raise ValueError("smooth_quant: model has no nn.Linear layer to smooth")
+        raise ValueError("smooth_quant: model has no nn.Linear (or transformers Conv1D) layer to smooth")
     include = _patterns("include", include, linear_names)
     exclude = _patterns("exclude", exclude, linear_names)
     device = _batches.model_device(out)
@@ -212,11 +262,15 @@ def smooth_quant(model: nn.Module, batches: Iterable, alpha: float = 0.5, *, exp
 
     info = SmoothInfo(alpha=alpha)
     selected = []
+    tied = tied_layers(out, linear_names)
     for name in linear_names:
         rec = flow.linears.get(name)
         if include is not None and not any(fnmatch.fnmatchcase(name, p) for p in include):
             continue
         if exclude is not None and any(fnmatch.fnmatchcase(name, p) for p in exclude):
+            continue
+        if name in tied:
+            info.skipped[name] = tied[name]
             continue
         if rec is None or rec.channel_max is None:
             info.skipped[name] = "no calibration batch reached it"
@@ -230,10 +284,16 @@ def smooth_quant(model: nn.Module, batches: Iterable, alpha: float = 0.5, *, exp
     for norm_name, group in readers.items():
         if not flow.foldable(norm_name, group) or not all(n in selected for n in group):
             continue
+        offset, why_not = foldable_norm(modules, norm_name)
+        if offset is None:
+            log.info("smooth_quant: not folding into %s: %s", norm_name, why_not)
+            continue
         act = flow.linears[group[0]].channel_max
-        wmax = torch.stack([_column_max(modules[n].weight) for n in group]).amax(0)
+        wmax = torch.stack([_column_max(float_gemm_weight(modules[n])) for n in group]).amax(0)
         s = smoothing_factors(act, wmax, alpha)
-        fold_into_norm(modules[norm_name], s, [modules[n] for n in group])
+        probe, before = norm_probe(modules[norm_name])
+        fold_into_norm(modules[norm_name], s, [modules[n] for n in group], offset)
+        check_norm_fold(norm_name, modules[norm_name], probe, before, s)
         for n in group:
             info.layers[n] = SmoothedLayer(f"folded into {norm_name}", outlier_ratio(act), outlier_ratio(act / s))
             folded.add(n)
@@ -250,14 +310,17 @@ def smooth_quant(model: nn.Module, batches: Iterable, alpha: float = 0.5, *, exp
             info.skipped[name] = f"not foldable ({why}); explicit=False"
             continue
         lin = modules[name]
-        s = smoothing_factors(rec.channel_max, _column_max(lin.weight), alpha)
+        g = float_gemm_weight(lin)
+        s = smoothing_factors(rec.channel_max, _column_max(g), alpha)
         with torch.no_grad():
-            lin.weight.mul_(s.to(lin.weight))
-        set_module(out, name, SmoothedLinear(lin, s.to(lin.weight.device)))
+            g.mul_(s.to(g))
+        set_module(out, name, SmoothedLinear(lin, s.to(g.device)))
         info.layers[name] = SmoothedLayer("explicit", outlier_ratio(rec.channel_max),
                                           outlier_ratio(rec.channel_max / s))
     log.info("smooth_quant: %d linear layers smoothed (%d folded, %d explicit), %d skipped",
              len(info.layers), len(folded), len(info.layers) - len(folded), len(info.skipped))
+    check_preserved(model, out, data[0], lambda m, b: _batches.call(m, b, device), "smooth_quant",
+                    sorted(info.layers))
     out.lowbit_smoothing = info
     return out
 
