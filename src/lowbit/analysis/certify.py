@@ -39,7 +39,7 @@ from .probe import weight_pairs
 __all__ = ["Certificate", "certify"]
 
 WALK_INPUTS = 200          # inputs per walk (the walk keeps a few tensors per node and input)
-REFINE = 64                # default: elements per input and node refined by a backward pass
+REFINE = 1 << 20           # default (True): every unstable element, per input and node
 RELAXATIONS = "relaxations"
 
 
