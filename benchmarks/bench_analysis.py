@@ -1,6 +1,6 @@
 """The analysis targets of issue 7, measured on the built-in models, in one run.
 
-    python benchmarks/bench_analysis.py [--json] [--sentences 64] [--skip-minilm] [--certify-only] [--quick]
+    python benchmarks/bench_analysis.py [--json] [--sentences 64] [--skip-minilm] [--certify-only] [--quick | --inputs N]
 
 Rows (each with its target and the measured number):
 
@@ -98,10 +98,10 @@ def bench_full(name: str) -> list[dict]:
     ]
 
 
-def bench_certify(name: str, quick: bool) -> list[dict]:
+def bench_certify(name: str, inputs: int | None) -> list[dict]:
     """Certified fraction under worst-case rounding, the first-order limit, their ratio and the time."""
     model, data = zoo.get(name)
-    x = data.x_test[:100] if quick else data.x_test
+    x = data.x_test[:inputs] if inputs else data.x_test
     rows = []
     goals = {"digits": (0.90, ">= 90%"), "mnist1d": (0.40, ">= 40%")}
     for label, w in (("W8A8", W8), ("W4A8", W4)):
@@ -246,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--certify-only", action="store_true", help="only the certified-prediction rows (issue 15)")
     p.add_argument("--quick", action="store_true", help="certify the first 100 test inputs only")
+    p.add_argument("--inputs", type=int, default=None, help="certify the first INPUTS test inputs only")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -254,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     print(head, file=sys.stderr)
     rows = []
     for name in ("digits", "mnist1d"):
-        rows += bench_certify(name, args.quick)
+        rows += bench_certify(name, 100 if args.quick else args.inputs)
     if not args.certify_only:
         for name in ("digits", "mnist1d"):
             rows += bench_full(name)

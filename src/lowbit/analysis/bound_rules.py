@@ -313,11 +313,27 @@ def _quant_worst(x: V, s, bot, top, u: float):
     qhi = torch.minimum(torch.maximum(vhi + s / 2, bot), top) + slack
     out = V(x.a, qlo - x.a, qhi - x.a)
     # backward: d_q = d + rho, |rho| <= s/2 where the interval lies inside the grid's range widened by
-    # half a step (for v in [bot - s/2, bot], Q(v) = bot is within s/2 of v); else a constant range
+    # half a step (for v in [bot - s/2, bot], Q(v) = bot is within s/2 of v). Where it crosses only
+    # the top end: Q(v) <= v + s/2 above, and below the chord of the concave min(v - s/2, top);
+    # only the bottom end: Q(v) >= v - s/2, and above the chord of the convex max(v + s/2, bot);
+    # both ends: the constant range.
     inside = (vlo >= bot - s / 2 + slack) & (vhi <= top + s / 2 - slack)
-    slope = inside.to(x.a.dtype)
+    top_cut = ~inside & (vlo >= bot - s / 2 + slack) & (vlo < top + s / 2)
+    bot_cut = ~inside & (vhi <= top + s / 2 - slack) & (vhi > bot - s / 2)
+    width = (vhi - vlo).clamp_min(1e-300)
+    low_env = lambda v: torch.minimum(v - s / 2, top)     # noqa: E731
+    up_env = lambda v: torch.maximum(v + s / 2, bot)      # noqa: E731
+    c_top = ((low_env(vhi) - low_env(vlo)) / width).clamp(0, 1)
+    c_bot = ((up_env(vhi) - up_env(vlo)) / width).clamp(0, 1)
+    one, zero = torch.ones_like(x.a), torch.zeros_like(x.a)
     half = s / 2 + slack
-    return out, Elementwise(slope, torch.where(inside, -half, out.lo), slope, torch.where(inside, half, out.hi))
+    s_lo = torch.where(inside | bot_cut, one, torch.where(top_cut, c_top, zero))
+    s_up = torch.where(inside | top_cut, one, torch.where(bot_cut, c_bot, zero))
+    c_lo = torch.where(inside | bot_cut, -half + zero, torch.where(
+        top_cut, low_env(vlo) + c_top * (x.a - vlo) - x.a - slack, out.lo))
+    c_up = torch.where(inside | top_cut, half + zero, torch.where(
+        bot_cut, up_env(vlo) + c_bot * (x.a - vlo) - x.a + slack, out.hi))
+    return out, Elementwise(s_lo, c_lo, s_up, c_up)
 
 
 def _quant_exact(aq: ActQuantizer, spec, x: V, s, bot, top, u: float):

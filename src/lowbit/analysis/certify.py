@@ -149,8 +149,10 @@ def certify(float_model: nn.Module, q: nn.Module, x: torch.Tensor, rounding: str
         rounding: ``"worst"`` (any rounding within half a step: any integer kernel of the same
             grids) or ``"exact"`` (``q``'s own rounding).
         refine: tighten the intervals of unstable neurons by backward passes before relaxing them:
-            at most this many per input and node (True: :data:`REFINE`; False or 0: none). Each
-            costs a backward pass through the layers before it; more is slower and tighter.
+            at most this many per input and node (True: all of them; False or 0: none). Each costs
+            a backward pass through the layers before it; more is slower and tighter. Only the
+            inputs a first, unrefined pass leaves undecided are refined, and of those (with
+            ``limit``) only the ones the first-order limit says can be certified.
         limit: also compute the first-order worst-case limit (:func:`.limit.first_order_limit`).
     """
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1:
@@ -175,8 +177,19 @@ def certify(float_model: nn.Module, q: nn.Module, x: torch.Tensor, rounding: str
         top = z_f.argmax(1)
         margin = z_f.gather(1, top.reshape(-1, 1)) - z_f
         measured = (z_q.gather(1, top.reshape(-1, 1)) - z_q) - margin
-        lower, upper, sources, contrib, unsupported, refined = _bound(q, pairs, x, z_f, top, rounding, refine)
+        lower, upper, sources, contrib, unsupported, refined = _bound(q, pairs, x, z_f, top, rounding, 0)
         lim = first_order_limit(q, x, top) if limit else None
+        if refine and not unsupported:
+            # refine the inputs the fast pass leaves undecided (and that the limit says can be certified)
+            certified0 = ((margin.scatter(1, top.reshape(-1, 1), torch.inf) + lower) > 0).all(1)
+            todo = ~certified0 & (lim.certifiable if lim is not None else True)
+            if bool(todo.any()):
+                idx = todo.nonzero().squeeze(1)
+                lo2, up2, src2, con2, uns2, refined = _bound(q, pairs, x[idx], z_f[idx], top[idx], rounding, refine)
+                if not uns2:
+                    lower[idx], upper[idx] = torch.maximum(lower[idx], lo2), torch.minimum(upper[idx], up2)
+                    contrib = _merge(sources, contrib, src2, con2, idx)
+                    sources = list(dict.fromkeys(sources + src2))
     finally:
         for m, was in modes:
             m.train(was)
@@ -185,6 +198,17 @@ def certify(float_model: nn.Module, q: nn.Module, x: torch.Tensor, rounding: str
     return Certificate(top=top, margin=margin, lower=lower, upper=upper, measured=measured, certified=certified,
                        rounding=rounding, limit=lim, sources=sources, contributions=contrib,
                        unsupported=unsupported, refined=refined)
+
+
+def _merge(sources, contrib, src2, con2, idx):
+    """The contributions table over the union of the sources, rows ``idx`` from the refined pass."""
+    names = list(dict.fromkeys(sources + src2))
+    out = torch.zeros(contrib.shape[0], len(names), dtype=contrib.dtype, device=contrib.device)
+    out[:, [names.index(s) for s in sources]] = contrib
+    rows = torch.zeros(len(idx), len(names), dtype=contrib.dtype, device=contrib.device)
+    rows[:, [names.index(s) for s in src2]] = con2
+    out[idx] = rows
+    return out
 
 
 def _bound(q, pairs, x, z_f, top, rounding, refine):
