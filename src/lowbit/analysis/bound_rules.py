@@ -153,10 +153,11 @@ def monotone(fn: Callable, x: V, u: float, exact: bool, relu: bool = False):
     return v, Elementwise(s_lo, c_lo, s_up, c_up, slack)
 
 
-def maxpool(fn: Callable, x: V, windows: Callable | None = None):
-    """Max pooling. With explicit ``windows`` (MaxPool1d/2d): :class:`WindowMaxBack` (the bounds of
-    ``v_i - v_j*`` from the intervals); otherwise the argmax's error below and a constant above
-    (:class:`MaxPoolBack`)."""
+def maxpool(fn: Callable, x: V, windows: Callable | None = None, refine: Callable | None = None):
+    """Max pooling. With explicit ``windows`` (MaxPool1d/2d): :class:`WindowMaxBack`, the bounds of
+    ``u_i = v_i - v_j*`` from the intervals, tightened by ``refine(index, j, candidates)`` where
+    given (an upper bound of every candidate ``u_i``, from backward passes); otherwise the argmax's
+    error below and a constant above (:class:`MaxPoolBack`)."""
     a = fn(x.a)
     lo_in, hi_in = x.a + x.l(), x.a + x.h()
     v, slack = _finish(a, fn(lo_in) - a, fn(hi_in) - a)
@@ -173,6 +174,9 @@ def maxpool(fn: Callable, x: V, windows: Callable | None = None):
     aj, lj, hj = wa.gather(-1, j), wl.gather(-1, j), wh.gather(-1, j)
     l, h = (wa + wl) - (aj + hj), (wa + wh) - (aj + lj)                       # bounds of u_i = v_i - v_j*
     others = valid.unsqueeze(0) & torch.ones_like(wa, dtype=torch.bool).scatter(-1, j, False)
+    if refine is not None and bool((others & (h > 0)).any()):
+        jx = index.unsqueeze(0).expand(wa.shape).gather(-1, j).expand(wa.shape)
+        h = torch.minimum(h, (wa - aj) + refine(index.unsqueeze(0).expand(wa.shape), jx, others & (h > 0)))
     cand = others & (h > 0)
     ident = cand & (l >= 0)
     tri = cand & (l < 0)

@@ -29,7 +29,7 @@ from ..modules import ActQuantizer, QuantLayer, Quantizer
 from ..ops.params import broadcast_param
 from .bound_back import Lin
 from .bound_dispatch import function_rule, method_rule, module_rule
-from .bound_rules import V, Unsupported, arith, unit_roundoff
+from .bound_rules import V, Unsupported, _pool_windows, arith, maxpool, unit_roundoff
 
 __all__ = ["Walk", "Tracer", "describe"]
 
@@ -126,6 +126,7 @@ class Walk:
             return None
         if self.refine:
             args = self._refine_input(node, args)
+            rule = self._refined_maxpool(node, rule)
         v, back, inputs = self._apply(node, rule, args, kwargs)
         self.env[node] = v
         src = sum(self.sources.get(i, 0) for i in inputs)
@@ -301,6 +302,52 @@ class Walk:
         nv = V(v.a, lo, hi)
         self.env[src] = nv
         return (nv,) + tuple(args[1:])
+
+    def _refined_maxpool(self, node: fx.Node, rule):
+        """For MaxPool1d/2d: the rule with the differences ``v_i - v_j*`` bounded by backward passes."""
+        if node.op != "call_module":
+            return rule
+        m = self.q.get_submodule(node.target)
+        if not isinstance(m, (nn.MaxPool1d, nn.MaxPool2d)) or getattr(m, "return_indices", False):
+            return rule
+        windows = _pool_windows(m, 1 if isinstance(m, nn.MaxPool1d) else 2)
+        src = node.args[0]
+        if windows is None or not isinstance(src, fx.Node) or src is self.input_node:
+            return rule
+        if self.sources.get(src, 2) < 1:
+            return rule
+
+        def diff_upper(index, jx, cand):
+            return self._diff_upper(src, index, jx, cand)
+        return lambda x: maxpool(lambda t: m(t), x, windows, diff_upper)
+
+    def _diff_upper(self, src: fx.Node, index: torch.Tensor, jx: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
+        """Upper bounds of ``d_i - d_j`` (flat element indices ``index``, ``jx`` of ``src``) where ``cand``
+        (``+inf`` elsewhere), one backward pass per candidate pair, padded per input as in :meth:`_tighten`."""
+        v = self.env[src]
+        n = v.a.shape[0]
+        m = int(v.a[0].numel())
+        flat = cand.reshape(n, -1)
+        counts = flat.sum(1)
+        kmax = int(counts.max())
+        order = flat.to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, :kmax]
+        valid = torch.arange(kmax, device=flat.device)[None, :] < counts[:, None]
+        ii = index.reshape(n, -1).gather(1, order).clamp_min(0)         # -1 (padding) is never a candidate
+        jj = jx.reshape(n, -1).gather(1, order).clamp_min(0)
+        out = torch.full(flat.shape, torch.inf, dtype=v.a.dtype, device=v.a.device)
+        per = max(1, CHUNK_ELEMENTS // (n * max(self.widest, m)))
+        for k0 in range(0, kmax, per):
+            sl = slice(k0, k0 + per)
+            ok = valid[:, sl].t().to(v.a.dtype)                                              # [k, N]
+            k = ok.shape[0]
+            lam = torch.zeros(k, n, m, dtype=v.a.dtype, device=v.a.device)
+            lam.scatter_add_(2, ii[:, sl].t().unsqueeze(-1), ok.unsqueeze(-1))
+            lam.scatter_add_(2, jj[:, sl].t().unsqueeze(-1), -ok.unsqueeze(-1))
+            tot = self.backward_from(src, lam.reshape(k, n, *v.a.shape[1:]))
+            tot = torch.where(valid[:, sl].t(), tot, torch.full_like(tot, torch.inf)).t()    # [N, k]
+            out.scatter_reduce_(1, order[:, sl], tot, reduce="amin")
+        self.refined += int(counts.sum())
+        return out.reshape(cand.shape)
 
     def _most_unstable(self, v: V, mask: torch.Tensor) -> torch.Tensor:
         """At most ``self.refine`` elements per input: those whose relaxation is loosest, by the
