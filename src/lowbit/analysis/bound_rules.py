@@ -156,7 +156,7 @@ def monotone(fn: Callable, x: V, u: float, exact: bool, relu: bool = False):
 def maxpool(fn: Callable, x: V, windows: Callable | None = None, refine: Callable | None = None):
     """Max pooling. With explicit ``windows`` (MaxPool1d/2d): :class:`WindowMaxBack`, the bounds of
     ``u_i = v_i - v_j*`` from the intervals, tightened by ``refine(index, j, candidates)`` where
-    given (an upper bound of every candidate ``u_i``, from backward passes); otherwise the argmax's
+    given (bounds of ``d_i - d_j*`` for every candidate ``i``, from backward passes); otherwise the argmax's
     error below and a constant above (:class:`MaxPoolBack`)."""
     a = fn(x.a)
     lo_in, hi_in = x.a + x.l(), x.a + x.h()
@@ -176,7 +176,8 @@ def maxpool(fn: Callable, x: V, windows: Callable | None = None, refine: Callabl
     others = valid.unsqueeze(0) & torch.ones_like(wa, dtype=torch.bool).scatter(-1, j, False)
     if refine is not None and bool((others & (h > 0)).any()):
         jx = index.unsqueeze(0).expand(wa.shape).gather(-1, j).expand(wa.shape)
-        h = torch.minimum(h, (wa - aj) + refine(index.unsqueeze(0).expand(wa.shape), jx, others & (h > 0)))
+        dlo, dhi = refine(index.unsqueeze(0).expand(wa.shape), jx, others & (h > 0))
+        l, h = torch.maximum(l, (wa - aj) + dlo), torch.minimum(h, (wa - aj) + dhi)
     cand = others & (h > 0)
     ident = cand & (l >= 0)
     tri = cand & (l < 0)

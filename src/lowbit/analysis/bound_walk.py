@@ -317,13 +317,14 @@ class Walk:
         if self.sources.get(src, 2) < 1:
             return rule
 
-        def diff_upper(index, jx, cand):
-            return self._diff_upper(src, index, jx, cand)
-        return lambda x: maxpool(lambda t: m(t), x, windows, diff_upper)
+        def diff_bounds(index, jx, cand):
+            return self._diff_bounds(src, index, jx, cand)
+        return lambda x: maxpool(lambda t: m(t), x, windows, diff_bounds)
 
-    def _diff_upper(self, src: fx.Node, index: torch.Tensor, jx: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
-        """Upper bounds of ``d_i - d_j`` (flat element indices ``index``, ``jx`` of ``src``) where ``cand``
-        (``+inf`` elsewhere), one backward pass per candidate pair, padded per input as in :meth:`_tighten`."""
+    def _diff_bounds(self, src: fx.Node, index: torch.Tensor, jx: torch.Tensor, cand: torch.Tensor):
+        """Bounds ``(lower, upper)`` of ``d_i - d_j`` (flat element indices ``index``, ``jx`` of ``src``)
+        where ``cand`` (infinite elsewhere): two backward objectives per candidate pair, padded per
+        input as in :meth:`_tighten`."""
         v = self.env[src]
         n = v.a.shape[0]
         m = int(v.a[0].numel())
@@ -334,20 +335,22 @@ class Walk:
         valid = torch.arange(kmax, device=flat.device)[None, :] < counts[:, None]
         ii = index.reshape(n, -1).gather(1, order).clamp_min(0)         # -1 (padding) is never a candidate
         jj = jx.reshape(n, -1).gather(1, order).clamp_min(0)
-        out = torch.full(flat.shape, torch.inf, dtype=v.a.dtype, device=v.a.device)
-        per = max(1, CHUNK_ELEMENTS // (n * max(self.widest, m)))
+        hi = torch.full(flat.shape, torch.inf, dtype=v.a.dtype, device=v.a.device)
+        lo = -hi.clone()
+        per = max(1, CHUNK_ELEMENTS // (2 * n * max(self.widest, m)))
         for k0 in range(0, kmax, per):
             sl = slice(k0, k0 + per)
-            ok = valid[:, sl].t().to(v.a.dtype)                                              # [k, N]
+            ok = valid[:, sl].t()                                                            # [k, N]
             k = ok.shape[0]
             lam = torch.zeros(k, n, m, dtype=v.a.dtype, device=v.a.device)
-            lam.scatter_add_(2, ii[:, sl].t().unsqueeze(-1), ok.unsqueeze(-1))
-            lam.scatter_add_(2, jj[:, sl].t().unsqueeze(-1), -ok.unsqueeze(-1))
-            tot = self.backward_from(src, lam.reshape(k, n, *v.a.shape[1:]))
-            tot = torch.where(valid[:, sl].t(), tot, torch.full_like(tot, torch.inf)).t()    # [N, k]
-            out.scatter_reduce_(1, order[:, sl], tot, reduce="amin")
+            lam.scatter_add_(2, ii[:, sl].t().unsqueeze(-1), ok.to(v.a.dtype).unsqueeze(-1))
+            lam.scatter_add_(2, jj[:, sl].t().unsqueeze(-1), -ok.to(v.a.dtype).unsqueeze(-1))
+            tot = self.backward_from(src, torch.cat([lam, -lam]).reshape(2 * k, n, *v.a.shape[1:]))
+            inf = torch.full_like(tot[:k], torch.inf)
+            hi.scatter_reduce_(1, order[:, sl], torch.where(ok, tot[:k], inf).t(), reduce="amin")
+            lo.scatter_reduce_(1, order[:, sl], torch.where(ok, -tot[k:], -inf).t(), reduce="amax")
         self.refined += int(counts.sum())
-        return out.reshape(cand.shape)
+        return lo.reshape(cand.shape), hi.reshape(cand.shape)
 
     def _most_unstable(self, v: V, mask: torch.Tensor) -> torch.Tensor:
         """At most ``self.refine`` elements per input: those whose relaxation is loosest, by the
