@@ -103,7 +103,6 @@ class Certificate:
         """Summary numbers, and for the first ``per_input`` inputs their largest contributors."""
         n = int(self.certified.numel())
         ok = torch.isfinite(self.lower).all(1)
-        slack = (self.upper - self.measured).clamp_min(0) + (self.measured - self.lower).clamp_min(0)
         viol = int(((self.measured > self.upper + 1e-12) | (self.measured < self.lower - 1e-12)).any(1).sum())
         mask = torch.ones_like(self.lower, dtype=torch.bool).scatter_(1, self.top.reshape(-1, 1), False)
         width = (-self.lower)[mask & ok.unsqueeze(1)]
@@ -116,7 +115,6 @@ class Certificate:
                "lower_bound_median": float(width.median()) if width.numel() else float("nan"),
                "measured_change_median": float(meas.median()) if meas.numel() else float("nan"),
                "violations": viol, "refined_neurons": self.refined}
-        del slack
         if self.limit is not None:
             ch = self.limit.change[mask]
             out["limit_change_median"] = float(ch.median()) if ch.numel() else float("nan")
