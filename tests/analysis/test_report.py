@@ -11,7 +11,7 @@ from lowbit.analysis import Report, kl
 def test_analyze_a_classifier(rescnn, quantized, tmp_path):
     m, x, y = rescnn
     q = quantized(m, 4, 8)
-    r = lb.analyze(m, q, [x[:200], x[200:]], labels=y, budget=4.0)
+    r = lb.analyze(m, q, [x[:200], x[200:]], labels=y, budget=4.0, refine=False)   # certify is tested on its own
     assert isinstance(r, Report)
     mm = r.model
     with torch.no_grad():
@@ -21,6 +21,9 @@ def test_analyze_a_classifier(rescnn, quantized, tmp_path):
     assert mm["accuracy_quant"] == pytest.approx(float((zq.argmax(1) == y).double().mean()))
     assert mm["kl"] == pytest.approx(float(kl(zf, zq).mean()), rel=1e-4)
     assert 0 <= mm["certified_fraction"] <= 1 and r.bound["violations"] == 0
+    # the first-order limit beside the certified fraction, and per input the largest contributors
+    assert 0 <= mm["certified_limit"] <= 1 and "limit" in r.summary()
+    assert r.bound["per_input"] and {"c1", "c2", "fc"} <= set(r.bound["sources"])
     assert [row["layer"] for row in r.layers] == ["c1", "c2", "fc"]
     ranks = sorted(row["rank"] for row in r.layers)
     assert ranks == [1, 2, 3]

@@ -22,25 +22,21 @@ in ``BoundResult.unsupported`` and the bound is then ``inf``; a model ``torch.fx
 """
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.fx.node import map_aggregate
 
-from ..modules import QuantLayer, Quantizer
 from .batches import output_tensor
-from .bound_back import Lin
-from .bound_dispatch import function_rule, method_rule, module_rule
-from .bound_rules import ROUNDING, V, Unsupported, arith, unit_roundoff
+from .bound_rules import ROUNDING
+from .bound_walk import CHUNK_ELEMENTS, Tracer, Walk
 from .probe import weight_pairs
 
 __all__ = ["BoundResult", "logit_bound"]
 
 MAX_BACKWARD_OUTPUTS = 64      # logits per input the backward pass bounds (2 objectives each)
-CHUNK_ELEMENTS = 1 << 24       # (objectives x inputs x activation size) per backward chunk
+WALK_INPUTS = 200              # inputs per walk with the backward pass
 
 
 @dataclass
@@ -83,186 +79,11 @@ class BoundResult:
                 "tightness_median": med(ratio), "violations": int((self.measured > self.bound).sum())}
 
 
-class _Tracer(fx.Tracer):
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, (QuantLayer, Quantizer)) or super().is_leaf_module(m, qualname)
-
-
-_POISON = V(None)
-_ARITH_METHODS = {"add": operator.add, "sub": operator.sub, "mul": operator.mul, "div": operator.truediv}
-
-
-def _describe(node: fx.Node, q: nn.Module) -> str:
-    if node.op == "call_module":
-        return f"{node.target} ({type(q.get_submodule(node.target)).__name__})"
-    if node.op == "call_function":
-        return f"{node.name} ({getattr(node.target, '__qualname__', node.target)})"
-    return f"{node.name} ({node.op} {node.target})"
-
-
-def _plain(v):
-    """A resolved argument as a plain value (tensors without error only)."""
-    if isinstance(v, V):
-        if v.is_tensor and not v.exact and bool((v.err() > 0).any()):
-            raise Unsupported("a tensor carrying quantization error is used as a parameter")
-        return v.a
-    return v
-
-
-class _Walk:
-    """One forward pass over the graph for a batch ``x``; keeps each node's backward map."""
-
-    def __init__(self, q: nn.Module, graph: fx.Graph, pairs: dict, x: torch.Tensor, rounding: str) -> None:
-        self.q, self.graph, self.pairs, self.x, self.rounding = q, graph, pairs, x, rounding
-        self.u = unit_roundoff(x.dtype, x.device)
-        self.env: dict[fx.Node, V] = {}
-        self.backs: dict[fx.Node, tuple] = {}      # node -> (Back, [input nodes])
-        self.unsupported: list[str] = []
-        self.input_node: fx.Node | None = None
-        self.out_node: fx.Node | None = None
-
-    def run(self) -> V | None:
-        out = None
-        for node in self.graph.nodes:
-            try:
-                out = self._node(node) if node.op != "output" else self._output(node)
-            except Unsupported as e:
-                self.unsupported.append(f"{_describe(node, self.q)}: {e}")
-                self.env[node] = _POISON
-        return None if self.unsupported else out
-
-    def _resolve(self, node):
-        args = map_aggregate(node.args, lambda n: self.env[n] if isinstance(n, fx.Node) else n)
-        kwargs = map_aggregate(node.kwargs, lambda n: self.env[n] if isinstance(n, fx.Node) else n)
-        poisoned = []
-        map_aggregate((args, kwargs), lambda v: poisoned.append(v) if v is _POISON else None)
-        return args, kwargs, bool(poisoned)
-
-    def _node(self, node: fx.Node):
-        rule = None
-        if node.op == "call_module":
-            rule = module_rule(self.q.get_submodule(node.target), self.pairs, node.target, self.x.dtype,
-                               self.x.device, self.rounding)
-        elif node.op == "call_function":
-            rule = function_rule(node.target, node.args, node.kwargs, self.u)
-        elif node.op == "call_method":
-            rule = method_rule(node.target, self.u)
-        args, kwargs, poisoned = self._resolve(node)
-        if poisoned:
-            self.env[node] = _POISON
-            return None
-        if node.op == "placeholder":
-            if self.input_node is None:
-                self.input_node = node
-                self.env[node] = V(self.x.detach().double())
-            elif node.args:
-                self.env[node] = V(node.args[0])
-            else:
-                raise Unsupported("a second required input; logit_bound takes one input tensor")
-            return None
-        if node.op == "get_attr":
-            t = self.q
-            for part in node.target.split("."):
-                t = getattr(t, part)
-            self.env[node] = V(t.detach().double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t)
-            return None
-        v, back, inputs = self._apply(node, rule, args, kwargs)
-        self.env[node] = v
-        if back is not None:
-            self.backs[node] = (back, inputs)
-        return None
-
-    def _output(self, node: fx.Node):
-        target = node.args[0]
-        if isinstance(target, (tuple, list)):
-            target = next((t for t in target if isinstance(t, fx.Node) and self.env[t].is_tensor), None)
-        elif isinstance(target, dict):
-            target = next((t for t in target.values() if isinstance(t, fx.Node) and self.env[t].is_tensor), None)
-        if not isinstance(target, fx.Node) or self.env[target] is _POISON:
-            if isinstance(target, fx.Node):
-                return None
-            raise Unsupported("the model output is not a tensor")
-        if not self.env[target].is_tensor:
-            raise Unsupported("the model output is not a tensor")
-        self.out_node = target
-        return self.env[target]
-
-    def _tensor_node(self, arg) -> bool:
-        return isinstance(arg, fx.Node) and self.env.get(arg) is not None and self.env[arg].is_tensor
-
-    def _apply(self, node: fx.Node, rule, args: tuple, kwargs: dict):
-        if node.op == "call_module":
-            if len(args) != 1 or kwargs or not isinstance(args[0], V) or not args[0].is_tensor:
-                raise Unsupported("called with other than one tensor argument")
-            v, back = rule(args[0])
-            return v, back, [node.args[0]]
-        if rule == "value":
-            a = [_plain(v) for v in args]
-            if node.target is operator.getitem and isinstance(a[0], torch.Tensor):
-                x, idx = args[0], a[1]
-                return V(x.a[idx], x.l()[idx], x.h()[idx]), Lin(lambda d: d[idx], [torch.zeros_like(x.a)]), [node.args[0]]
-            res = getattr(a[0], node.target)(*a[1:]) if node.op == "call_method" else node.target(*a)
-            if isinstance(res, torch.Tensor):
-                raise Unsupported("produces a tensor from an attribute")
-            return V(res), None, []
-        if rule == "arith":
-            fn = node.target if node.op == "call_function" else _ARITH_METHODS[node.target]
-            x, y = (v if isinstance(v, V) else V(v) for v in args[:2])
-            if not (x.is_tensor or y.is_tensor):
-                return V(fn(x.a, y.a)), None, []
-            x_in, y_in = self._tensor_node(node.args[0]), self._tensor_node(node.args[1])
-            v, back = arith(fn, x, y, self.u, x_in, y_in)
-            return v, back, [n for n, use in ((node.args[0], x_in), (node.args[1], y_in)) if use]
-        if rule == "cat":
-            tensors = args[0]
-            dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
-            if not all(self._tensor_node(n) for n in node.args[0]):
-                raise Unsupported("torch.cat of values that are not graph tensors")
-            v = V(torch.cat([t.a for t in tensors], dim), torch.cat([t.l() for t in tensors], dim),
-                  torch.cat([t.h() for t in tensors], dim))
-            back = Lin(lambda *ds: torch.cat(ds, dim), [torch.zeros_like(t.a) for t in tensors])
-            return v, back, list(node.args[0])
-        x = args[0]
-        if not isinstance(x, V) or not x.is_tensor:
-            raise Unsupported("the first argument is not a tensor")
-        rest = [_plain(v) for v in args[1:]]
-        kw = {k: _plain(v) for k, v in kwargs.items()}
-        v, back = rule(x, rest, kw)
-        return v, back, [node.args[0]]
-
-    def backward(self, k_max: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Upper bounds on ``z_q - a_out`` and on ``a_out - z_q`` (each shaped like the output) from the
-        linear relaxations, or None for outputs with more than ``k_max`` values per input."""
-        out = self.env[self.out_node]
-        n = out.a.shape[0]
-        c = out.a[0].numel()
-        if c > k_max:
-            return None
-        eye = torch.eye(c, dtype=out.a.dtype, device=out.a.device).reshape(c, 1, *out.a.shape[1:])
-        lam0 = torch.cat([eye, -eye]).expand(2 * c, n, *out.a.shape[1:])
-        lams = {self.out_node: lam0}
-        total = torch.zeros(2 * c, n, dtype=out.a.dtype, device=out.a.device)
-        for node in reversed(list(self.graph.nodes)):
-            lam = lams.pop(node, None)
-            if lam is None:
-                continue
-            if node not in self.backs:
-                v = self.env[node]
-                if node is self.input_node or v.exact:
-                    continue      # the input and constants carry no error
-                total = total + torch.maximum(lam * v.l(), lam * v.h()).reshape(2 * c, n, -1).sum(-1)
-                continue
-            back, inputs = self.backs[node]
-            ins, k = back.back(lam)
-            total = total + k
-            for inp, li in zip(inputs, ins):
-                lams[inp] = li if inp not in lams else lams[inp] + li
-        return total[:c].transpose(0, 1).reshape(out.a.shape), total[c:].transpose(0, 1).reshape(out.a.shape)
-
-
-def _chunks(q: nn.Module, graph: fx.Graph, pairs: dict, x: torch.Tensor, per: int, rounding: str):
+def _chunks(q: nn.Module, graph: fx.Graph, pairs: dict, x: torch.Tensor, per: int, rounding: str,
+            refine) -> object:
+    """``(walk, output V)`` per chunk of ``per`` inputs; ``refine()`` says whether to refine this chunk."""
     for i in range(0, x.shape[0], per):
-        walk = _Walk(q, graph, pairs, x[i:i + per], rounding)
+        walk = Walk(q, graph, pairs, x[i:i + per], rounding, refine())
         yield walk, walk.run()
 
 
@@ -277,9 +98,9 @@ def logit_bound(float_model: nn.Module, q: nn.Module, x: torch.Tensor, rounding:
             step (the certificate holds for any round-to-nearest implementation of the same grids,
             e.g. an integer kernel); ``"exact"``: the rounding ``q`` itself performs (a validated
             enclosure of this computation, much tighter, valid for ``q`` only).
-        backward: also run the backward (linear-relaxation) pass (True), or not (False: the
-            interval bound only); ``"auto"`` runs it on the first chunk of inputs and keeps it
-            only if it tightens at least a tenth of their bounds by 10% or more.
+        backward: also run the backward (linear-relaxation) pass, with the intermediate bounds of
+            unstable neurons refined by backward passes (True or ``"auto"``, the default), or not
+            (False: the interval bound only).
     """
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1:
         raise TypeError("x must be a floating-point tensor batch [N, ...]; logit_bound takes a single input tensor")
@@ -298,7 +119,7 @@ def logit_bound(float_model: nn.Module, q: nn.Module, x: torch.Tensor, rounding:
         z_float = output_tensor(float_model(x)).double()
         z_q = output_tensor(q(x)).double()
         try:
-            graph = _Tracer().trace(q)
+            graph = Tracer().trace(q)
         except Exception as e:  # noqa: BLE001 - any tracing failure means "unsupported", named
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             unsupported.append(f"{type(q).__name__}: torch.fx cannot trace it ({first}); models with "
@@ -307,7 +128,7 @@ def logit_bound(float_model: nn.Module, q: nn.Module, x: torch.Tensor, rounding:
         if graph is not None:
             use_backward = backward is True or backward == "auto"
             per = _chunk_size(z_float, x, use_backward)
-            for i, (walk, out) in enumerate(_chunks(q, graph, pairs, x, per, rounding)):
+            for i, (walk, out) in enumerate(_chunks(q, graph, pairs, x, per, rounding, lambda: use_backward)):
                 if out is None:
                     unsupported.extend(walk.unsupported)
                     break
@@ -324,9 +145,6 @@ def logit_bound(float_model: nn.Module, q: nn.Module, x: torch.Tensor, rounding:
                     if rel is not None:
                         hi, lo = torch.minimum(hi, rel[0]), torch.maximum(lo, -rel[1])
                 bounds.append(_per_input(torch.maximum(lo.abs(), hi.abs()) + gap))
-                if backward == "auto" and i == 0 and use_backward:
-                    # keep paying for the backward pass only where it tightens the first chunk's bound
-                    use_backward = bool((bounds[0] < 0.9 * ibounds[0]).double().mean() > 0.1)
     finally:
         for m, was in modes:
             m.train(was)
@@ -351,9 +169,11 @@ def _per_input(t: torch.Tensor) -> torch.Tensor:
 
 
 def _chunk_size(z: torch.Tensor, x: torch.Tensor, backward: bool) -> int:
+    """Inputs per walk: all for the interval pass; for the backward pass few enough that the walk's
+    tensors stay small and the objectives of one backward pass fit :data:`CHUNK_ELEMENTS`."""
     n = x.shape[0]
     if not backward:
         return n
     k = 2 * max(1, z[0].numel())
     width = max(1, x[0].numel()) * 64     # a generous guess of the widest activation per input
-    return max(1, min(n, CHUNK_ELEMENTS // (k * width)))
+    return max(1, min(n, WALK_INPUTS, CHUNK_ELEMENTS // (k * width)))

@@ -12,6 +12,8 @@ constant that bounds everything else from above::
   ``lam >= 0``, the lower one elsewhere (ReLU's triangle relaxation, quantizers);
 * :class:`MaxPoolBack`: the max moves at least as its float argmax does, and exactly so where that
   argmax cannot change;
+* :class:`WindowMaxBack`: the same lower line, and above ``max_i v_i <= v_j* + sum_i relu(v_i - v_j*)``
+  with each ReLU's chord on the bounds of ``v_i - v_j*``: linear in the errors of the window;
 * :class:`Cut`: ``|lam| E`` (concretize: no dependence passed on), always sound.
 
 Zhang et al., "Efficient Neural Network Robustness Certification with General Activation
@@ -23,7 +25,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["Back", "Cut", "Lin", "Elementwise", "Chain", "MaxPoolBack", "total", "dot"]
+__all__ = ["Back", "Cut", "Lin", "Elementwise", "Chain", "MaxPoolBack", "WindowMaxBack", "total", "dot"]
 
 
 def total(t: torch.Tensor) -> torch.Tensor:
@@ -124,3 +126,30 @@ class MaxPoolBack(Back):
         c = dot(loose, self.upper)
         _, vjp = torch.func.vjp(self.fn, self.a)
         return list(torch.func.vmap(vjp)(lam - loose)), c
+
+
+class WindowMaxBack(Back):
+    """Max pooling ``o = max_i v_i`` over explicit windows, ``v = a + d``, ``j*`` the float argmax::
+
+        d_o >= d_j*,      d_o <= d_j* + sum_{i != j*} (c_i (a_i - a_j* + d_i - d_j*) + b_i)
+
+    from ``max_i v_i <= v_j* + sum_i relu(v_i - v_j*)`` and ``relu(u) <= c u + b`` on the bounds
+    ``[l_i, h_i]`` of ``u_i = v_i - v_j*`` (``c = b = 0`` where ``h_i <= 0``: ``i`` cannot win).
+
+    ``index``: ``[C, *out, k]`` flat input positions of each window (``-1``: padding); ``coef_up``
+    / ``coef_lo``: ``[N, C, *out, k]`` the coefficients of the upper / lower line on the window's
+    errors; ``const``: ``[N, C, *out]`` the upper line's constant; ``in_shape``: the input's shape.
+    """
+
+    def __init__(self, index: torch.Tensor, coef_up: torch.Tensor, coef_lo: torch.Tensor, const: torch.Tensor,
+                 in_shape: tuple) -> None:
+        self.index, self.coef_up, self.coef_lo, self.const, self.in_shape = index, coef_up, coef_lo, const, in_shape
+
+    def back(self, lam):
+        kk, n = lam.shape[0], lam.shape[1]
+        pos = lam.clamp_min(0)
+        vals = pos.unsqueeze(-1) * self.coef_up + (lam - pos).unsqueeze(-1) * self.coef_lo    # [K, N, C, *out, k]
+        idx = self.index.clamp_min(0).reshape(1, 1, -1).expand(kk, n, -1)
+        out = torch.zeros(kk, n, int(torch.Size(self.in_shape[1:]).numel()), dtype=lam.dtype, device=lam.device)
+        out.scatter_add_(2, idx, vals.reshape(kk, n, -1))
+        return [out.reshape(kk, n, *self.in_shape[1:])], dot(pos, self.const)

@@ -46,7 +46,7 @@ from torch import nn
 from .. import ops
 from ..modules import ActQuantizer
 from ..ops.params import broadcast_param
-from .bound_back import Chain, Cut, Elementwise, Lin, MaxPoolBack
+from .bound_back import Chain, Cut, Elementwise, Lin, MaxPoolBack, WindowMaxBack
 
 __all__ = ["Unsupported", "V", "unit_roundoff", "arith", "ROUNDING", "structural", "identity", "monotone", "maxpool",
            "avgpool", "batchnorm", "act_quant", "layer_rule"]
@@ -153,20 +153,42 @@ def monotone(fn: Callable, x: V, u: float, exact: bool, relu: bool = False):
     return v, Elementwise(s_lo, c_lo, s_up, c_up, slack)
 
 
-def maxpool(fn: Callable, x: V, windows: Callable | None = None):
+def maxpool(fn: Callable, x: V, windows: Callable | None = None, refine: Callable | None = None):
+    """Max pooling. With explicit ``windows`` (MaxPool1d/2d): :class:`WindowMaxBack`, the bounds of
+    ``u_i = v_i - v_j*`` from the intervals, tightened by ``refine(index, j, candidates)`` where
+    given (bounds of ``d_i - d_j*`` for every candidate ``i``, from backward passes); otherwise the argmax's
+    error below and a constant above (:class:`MaxPoolBack`)."""
     a = fn(x.a)
     lo_in, hi_in = x.a + x.l(), x.a + x.h()
     v, slack = _finish(a, fn(lo_in) - a, fn(hi_in) - a)
-    stable = torch.zeros_like(a, dtype=torch.bool)
-    if windows is not None:   # j* keeps the maximum iff a_j* + lo_j* >= a_j + hi_j for every other j
-        wa, wl, wh = windows(x.a), windows(lo_in), windows(hi_in)
-        j = wa.argmax(-1, keepdim=True)
-        low = wl.gather(-1, j).squeeze(-1)
-        ninf = torch.full(j.shape, -torch.inf, dtype=wh.dtype, device=wh.device)
-        rest = wh.scatter(-1, j, ninf)
-        unique = wa.gather(-1, j).squeeze(-1) > wa.scatter(-1, j, ninf).amax(-1)   # autograd's argmax is j*
-        stable = ((low >= rest.amax(-1)) & unique).reshape(a.shape)
-    back = MaxPoolBack(fn, x.a, stable, fn(hi_in) - a)
+    if windows is None:
+        return v, Chain(Lin(None, [], slack=slack), MaxPoolBack(fn, x.a, torch.zeros_like(a, dtype=torch.bool),
+                                                                fn(hi_in) - a))
+    flat = torch.arange(x.a[0].numel(), dtype=x.a.dtype, device=x.a.device).reshape(1, *x.a.shape[1:])
+    index = windows(flat)[0]                                                   # [C, *out, k], -inf: padding
+    valid = torch.isfinite(index)
+    index = torch.where(valid, index, torch.full_like(index, -1)).long()
+    wa, wl, wh = windows(x.a), windows(x.l()), windows(x.h())
+    wa = torch.where(valid, wa, torch.full_like(wa, -torch.inf))
+    j = wa.argmax(-1, keepdim=True)
+    aj, lj, hj = wa.gather(-1, j), wl.gather(-1, j), wh.gather(-1, j)
+    l, h = (wa + wl) - (aj + hj), (wa + wh) - (aj + lj)                       # bounds of u_i = v_i - v_j*
+    others = valid.unsqueeze(0) & torch.ones_like(wa, dtype=torch.bool).scatter(-1, j, False)
+    if refine is not None and bool((others & (h > 0)).any()):
+        jx = index.unsqueeze(0).expand(wa.shape).gather(-1, j).expand(wa.shape)
+        dlo, dhi = refine(index.unsqueeze(0).expand(wa.shape), jx, others & (h > 0))
+        l, h = torch.maximum(l, (wa - aj) + dlo), torch.minimum(h, (wa - aj) + dhi)
+    cand = others & (h > 0)
+    ident = cand & (l >= 0)
+    tri = cand & (l < 0)
+    c = torch.where(tri, h / torch.where(tri, h - l, torch.ones_like(h)), torch.zeros_like(h))
+    c = torch.where(ident, torch.ones_like(c), c)
+    b = torch.where(tri, -c * l, torch.zeros_like(c))
+    du = torch.where(valid.unsqueeze(0), wa - aj, torch.zeros_like(wa))
+    const = (c * du + b).sum(-1)
+    coef_up = c.scatter(-1, j, 1 - c.sum(-1, keepdim=True))
+    coef_lo = torch.zeros_like(c).scatter(-1, j, 1.0)
+    back = WindowMaxBack(index, coef_up, coef_lo, const.reshape(a.shape), tuple(x.a.shape))
     return v, Chain(Lin(None, [], slack=slack), back)
 
 
@@ -295,11 +317,28 @@ def _quant_worst(x: V, s, bot, top, u: float):
     qlo = torch.minimum(torch.maximum(vlo - s / 2, bot), top) - slack
     qhi = torch.minimum(torch.maximum(vhi + s / 2, bot), top) + slack
     out = V(x.a, qlo - x.a, qhi - x.a)
-    # backward: d_q = d + rho, |rho| <= s/2 where the interval lies inside the grid; else a constant range
-    inside = (vlo >= bot) & (vhi <= top)
-    slope = inside.to(x.a.dtype)
+    # backward: d_q = d + rho, |rho| <= s/2 where the interval lies inside the grid's range widened by
+    # half a step (for v in [bot - s/2, bot], Q(v) = bot is within s/2 of v). Where it crosses only
+    # the top end: Q(v) <= v + s/2 above, and below the chord of the concave min(v - s/2, top);
+    # only the bottom end: Q(v) >= v - s/2, and above the chord of the convex max(v + s/2, bot);
+    # both ends: the constant range.
+    inside = (vlo >= bot - s / 2 + slack) & (vhi <= top + s / 2 - slack)
+    top_cut = ~inside & (vlo >= bot - s / 2 + slack) & (vlo < top + s / 2)
+    bot_cut = ~inside & (vhi <= top + s / 2 - slack) & (vhi > bot - s / 2)
+    width = (vhi - vlo).clamp_min(1e-300)
+    low_env = lambda v: torch.minimum(v - s / 2, top)     # noqa: E731
+    up_env = lambda v: torch.maximum(v + s / 2, bot)      # noqa: E731
+    c_top = ((low_env(vhi) - low_env(vlo)) / width).clamp(0, 1)
+    c_bot = ((up_env(vhi) - up_env(vlo)) / width).clamp(0, 1)
+    one, zero = torch.ones_like(x.a), torch.zeros_like(x.a)
     half = s / 2 + slack
-    return out, Elementwise(slope, torch.where(inside, -half, out.lo), slope, torch.where(inside, half, out.hi))
+    s_lo = torch.where(inside | bot_cut, one, torch.where(top_cut, c_top, zero))
+    s_up = torch.where(inside | top_cut, one, torch.where(bot_cut, c_bot, zero))
+    c_lo = torch.where(inside | bot_cut, -half + zero, torch.where(
+        top_cut, low_env(vlo) + c_top * (x.a - vlo) - x.a - slack, out.lo))
+    c_up = torch.where(inside | top_cut, half + zero, torch.where(
+        bot_cut, up_env(vlo) + c_bot * (x.a - vlo) - x.a + slack, out.hi))
+    return out, Elementwise(s_lo, c_lo, s_up, c_up)
 
 
 def _quant_exact(aq: ActQuantizer, spec, x: V, s, bot, top, u: float):

@@ -95,12 +95,26 @@ def render(report) -> str:
         parts.append(svg.scatter(report.kl_points["exact"], report.kl_points["predicted"],
                                  "predicted vs exact KL", "exact KL", "predicted KL"))
     if report.bound:
-        parts.append("<h2>Certified predictions</h2><p><small>A sound per-input bound B on max_k |dz_k|; "
-                     "an input is certified when its float top-1 margin exceeds 2B. Worst-case rounding: every "
-                     "activation rounding may fall anywhere within half a step (holds for any round-to-nearest "
-                     "kernel); exact rounding: the rounding this model performs.</small></p>" + _kv(report.bound))
-        if isinstance(report.bound.get("exact_rounding"), dict):
-            parts.append("<p><small>exact rounding:</small></p>" + _kv(report.bound["exact_rounding"]))
+        b = report.bound
+        parts.append("<h2>Certified predictions</h2><p><small>Sound bounds on the change of every logit "
+                     "difference z_t - z_k (t: the float top-1 class); an input is certified when no difference "
+                     "can change sign. Worst-case rounding: every activation rounding may fall anywhere within "
+                     "half a step (holds for any integer kernel of the same grids, whatever its tie-breaking); "
+                     "exact rounding: the rounding this model performs. The first-order limit linearises the "
+                     "quantized model and lets every rounding move by half a step: no sound certificate under "
+                     "worst-case rounding can certify much more.</small></p>")
+        parts.append(_kv({k: v for k, v in b.items() if k not in ("per_input", "sources")}))
+        if b.get("sources"):
+            parts.append("<p><small>Mean share of each input's binding bound, by source (a quantized layer: its "
+                         "input grid, its weight error and roundoff; relaxations: ReLU, pooling, clipping):"
+                         "</small></p>" + _table([{"source": k, "share": v} for k, v in b["sources"].items()]))
+        if b.get("per_input"):
+            parts.append("<p><small>Per input, the largest contributors to its bound (logits):</small></p>" +
+                         _table([{"input": r["input"], "certified": r["certified"],
+                                  **{f"#{i + 1}": f"{n} ({v:.3g})" for i, (n, v) in enumerate(r["top_sources"])}}
+                                 for r in b["per_input"]]))
+        if isinstance(b.get("exact_rounding"), dict):
+            parts.append("<p><small>exact rounding:</small></p>" + _kv(b["exact_rounding"]))
     if report.mdl:
         d = report.mdl
         parts.append("<h2>Description length</h2>" + _kv({k: v for k, v in d.items() if k != "layers"}))

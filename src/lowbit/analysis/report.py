@@ -7,7 +7,8 @@
 2. the error anatomy of every quantized layer (:mod:`.anatomy`);
 3. the per-layer sensitivity (:mod:`.sensitivity`), and with ``budget`` a mixed-precision
    allocation (:mod:`.mixed`);
-4. the certified logit bound and the certified fraction (:mod:`.bound`; tensor inputs only);
+4. the certified fraction under worst-case rounding beside its first-order limit, and per input
+   the layers whose grids cost its certificate most (:mod:`.certify`; tensor inputs only);
 5. the description length of the model and, with labels, of the data (:mod:`.mdl`).
 
 The :class:`Report` holds the per-layer table and the model-level numbers; ``to_json()`` and
@@ -30,7 +31,7 @@ from torch import nn
 
 from .anatomy import LayerAnatomy, error_anatomy
 from .batches import as_batch_list
-from .bound import logit_bound
+from .certify import certify
 from .divergence import divergence, kl, kl_predicted, kl_summary
 from .mdl import _check_labels, description_length
 from .mixed import allocate_bits, apply_bits
@@ -51,7 +52,8 @@ class Report:
     Attributes:
         model: model-level numbers (``metric``, ``accuracy_float``/``accuracy_quant``/``agreement``
             with labels, ``kl``/``kl_predicted``/``kl_relative_error`` for classifiers, ``divergence``,
-            ``certified_fraction`` (worst-case rounding) and ``certified_fraction_exact_rounding``
+            ``certified_fraction`` (worst-case rounding), ``certified_limit`` (the first-order
+            worst-case limit a sound certificate can reach) and ``certified_fraction_exact_rounding``
             (``q``'s own rounding), ``bits_per_weight``, ``model_bits``, ``data_bits``, ...).
         layers: the per-layer table, one dict per quantized layer (error anatomy, sensitivity, bits).
         anatomy: per-layer :class:`LayerAnatomy` (clip sweeps and histograms for the plots).
@@ -112,8 +114,12 @@ class Report:
         elif m.get("divergence") is not None:
             lines.append(f"divergence ({m.get('metric')}) {m['divergence']:.3g}")
         if m.get("certified_fraction") is not None:
-            lines.append(f"certified unchanged: {m['certified_fraction']:.1%} under worst-case rounding, "
+            lines.append(f"certified unchanged: {m['certified_fraction']:.1%} under worst-case rounding (first-order "
+                         f"limit {_fmt(m.get('certified_limit'), '.1%')}), "
                          f"{_fmt(m.get('certified_fraction_exact_rounding'), '.1%')} under this model's rounding")
+            if self.bound and self.bound.get("sources"):
+                top = list(self.bound["sources"].items())[:3]
+                lines.append("  share of the bounds: " + ", ".join(f"{k} {v:.0%}" for k, v in top))
         if m.get("bits_per_weight") is not None:
             lines.append(f"description length: {m['bits_per_weight']:.2f} bits per weight entropy-coded "
                          f"(stored {_fmt(m.get('stored_bits_per_weight'), '.2f')})")
@@ -225,7 +231,7 @@ def _accuracy(z: torch.Tensor, labels: torch.Tensor) -> float:
 @torch.no_grad()
 def analyze(float_model: nn.Module, qmodel: nn.Module, batches: Iterable, labels: Any = None, *,
             metric: str = "auto", budget: float | None = None, candidates: Sequence[int] = (2, 3, 4, 6, 8),
-            bound: bool = True, mdl: bool = True, sensitivity: bool = True) -> Report:
+            bound: bool = True, mdl: bool = True, sensitivity: bool = True, refine: int | bool = True) -> Report:
     """Analyse ``qmodel`` (from ``lb.quantize``, calibrated, frozen or not) against ``float_model``.
 
     Args:
@@ -235,6 +241,8 @@ def analyze(float_model: nn.Module, qmodel: nn.Module, batches: Iterable, labels
             labels, otherwise cosine (vector outputs) or MSE (scalar outputs).
         budget: average bits per weight for a mixed-precision allocation over ``candidates``.
         bound / mdl / sensitivity: switch the costlier parts off.
+        refine: for the certified bound (:func:`~.certify.certify`): how many unstable neurons per
+            input and node to tighten by backward passes (True: all; False: none, fast and loose).
     """
     batches = as_batch_list(batches)
     labels = _labels(labels)
@@ -287,20 +295,25 @@ def analyze(float_model: nn.Module, qmodel: nn.Module, batches: Iterable, labels
     bound_d = None
     if bound:
         t = time.perf_counter()
-        if all(isinstance(b, torch.Tensor) for b in batches):
-            x = torch.cat(batches)
-            res = logit_bound(float_model, qmodel, x)
-            bound_d = res.as_dict()
-            model["certified_fraction"] = res.certified_fraction if res.available else None
-            model["bound_available"] = res.available
-            if res.available:
-                exact = logit_bound(float_model, qmodel, x, rounding="exact", backward=False)   # already tight
-                bound_d["exact_rounding"] = exact.as_dict()
-                model["certified_fraction_exact_rounding"] = exact.certified_fraction
-            if not res.available:
-                notes.append("certified bound unavailable: " + "; ".join(res.unsupported))
-        else:
+        if not all(isinstance(b, torch.Tensor) for b in batches):
             notes.append("certified bound skipped: the inputs are not single tensors")
+        elif z_f.dim() != 2 or z_f.shape[1] < 2:
+            notes.append("certified bound skipped: the model's outputs are not classifier logits [N, C]")
+        else:
+            x = torch.cat(batches)
+            res = certify(float_model, qmodel, x, refine=refine)
+            bound_d = res.as_dict()
+            model["bound_available"] = res.available
+            model["certified_fraction"] = res.certified_fraction if res.available else None
+            model["certified_limit"] = res.limit_fraction
+            model["certified_ratio_to_limit"] = bound_d["ratio_to_limit"] if res.available else None
+            if res.available:
+                exact = certify(float_model, qmodel, x, rounding="exact", refine=False, limit=False)
+                bound_d["exact_rounding"] = {k: v for k, v in exact.as_dict().items()
+                                             if k not in ("sources", "per_input", "limit_fraction", "ratio_to_limit")}
+                model["certified_fraction_exact_rounding"] = exact.certified_fraction
+            else:
+                notes.append("certified bound unavailable: " + "; ".join(res.unsupported))
         timings["bound"] = time.perf_counter() - t
 
     mdl_d, codes = None, {}
