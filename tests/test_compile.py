@@ -55,7 +55,7 @@ def test_frozen_int4_decoder_compiles_whole_with_the_kernel():
                                    num_attention_heads=2, num_key_value_heads=2)
     torch.manual_seed(0)
     q = lb.quantize(transformers.LlamaForCausalLM(cfg).eval(), weights=lb.QuantSpec(4, granularity=lb.PerGroup(32)))
-    lb.freeze(q, kernel="int")
+    lb.freeze(q, kernel="auto")
     assert {layer.runtime for _, layer in quant_layers(q)} == {"int4"}
     same, diff = _compiled_matches(q, torch.randint(0, 128, (1, 5)))
     assert same, diff

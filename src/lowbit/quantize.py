@@ -286,10 +286,10 @@ def freeze(model: nn.Module, kernel: str = "auto") -> nn.Module:
     no float master weights (nor any float copy of them), and can be saved with ``lb.save``.
 
     ``kernel`` chooses how weight-only linear layers run small (decoding) inputs on CPU:
-    ``"auto"`` runs PyTorch's int4/int8 kernels for bfloat16 inputs, ``"int"`` for float32 inputs
-    too (their activations are then rounded to bfloat16: faster, not bit-identical), and
-    ``"dequantize"`` never (see :mod:`lowbit.modules.linear`). Calling ``freeze`` again on a frozen
-    model only changes the kernel.
+    ``"auto"`` runs PyTorch's int4/int8 kernels (activations rounded to bfloat16, float32
+    accumulation: faster than float, not bit-identical to the fake-quantized model), and
+    ``"dequantize"`` rebuilds the weight per call (exact; see :mod:`lowbit.modules.linear`).
+    Calling ``freeze`` again on a frozen model only changes the kernel.
     """
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 import lowbit as lb
+from lowbit.modules import QuantLinear
 from lowbit.ops import weight_only
 from lowbit.quantize import quant_layers
 
@@ -45,7 +46,7 @@ def test_stored_layout_round_trips_through_the_tiles(signed):
 @pytest.mark.parametrize("name", list(SPECS))
 def test_kernels_agree_with_the_exact_path_within_bfloat16_rounding(name):
     exact = _frozen(SPECS[name], "dequantize")
-    fast = _frozen(SPECS[name], "int")
+    fast = _frozen(SPECS[name], "auto")
     assert [l.runtime for _, l in quant_layers(fast)] == [EXPECTED[name]] * 2
     assert [l.runtime for _, l in quant_layers(exact)] == ["dequantize"] * 2
     x = torch.randn(5, 256)
@@ -64,13 +65,13 @@ def test_kernels_agree_with_the_exact_path_within_bfloat16_rounding(name):
         assert torch.allclose(fast(big), exact(big), rtol=1e-5, atol=1e-6)
 
 
-def test_auto_uses_kernels_for_bfloat16_only():
+def test_kernels_run_bfloat16_models_and_only_small_inputs():
     spec = SPECS["int4 sym g32"]
     q = _frozen(spec, "auto")
     exact = _frozen(spec, "dequantize")
-    x = torch.randn(2, 256)
+    x = torch.randn(QuantLinear.kernel_max_rows + 1, 256)
     with torch.no_grad():
-        assert torch.allclose(q(x), exact(x), rtol=1e-5, atol=1e-6)   # float32 input: the exact path
+        assert torch.allclose(q(x), exact(x), rtol=1e-5, atol=1e-6)   # more rows: the exact path
         qb, eb = q.to(torch.bfloat16), exact.to(torch.bfloat16)
         assert qb[0].runtime == "int4"
         y = qb(x.bfloat16())
@@ -80,7 +81,7 @@ def test_auto_uses_kernels_for_bfloat16_only():
 
 def test_fallback_when_a_kernel_does_not_work(monkeypatch, caplog):
     monkeypatch.setattr(weight_only, "kernel_works", lambda name: False)
-    q = _frozen(SPECS["int4 sym g32"], "int")
+    q = _frozen(SPECS["int4 sym g32"], "auto")
     assert [l.runtime for _, l in quant_layers(q)] == ["dequantize", "dequantize"]
     exact = _frozen(SPECS["int4 sym g32"], "dequantize")
     x = torch.randn(3, 256)
@@ -101,7 +102,7 @@ def test_kernel_check_logs_once_when_the_kernel_is_broken(monkeypatch, caplog):
 
 
 def test_frozen_layer_keeps_no_float_copy_of_its_weight():
-    q = _frozen(SPECS["int4 sym g32"], "int", out=256, inp=512)
+    q = _frozen(SPECS["int4 sym g32"], "auto", out=256, inp=512)
     layer = q[0]
     with torch.no_grad():
         q(torch.randn(2, 512))
@@ -116,7 +117,7 @@ def test_frozen_layer_keeps_no_float_copy_of_its_weight():
 
 def test_state_dict_save_load_and_to_keep_the_stored_codes():
     spec = SPECS["int4 asym g64"]
-    q = _frozen(spec, "int")
+    q = _frozen(spec, "auto")
     layer = q[0]
     assert layer.runtime == "int4"
     stored = layer.state_dict()["weight_codes"]
@@ -124,7 +125,7 @@ def test_state_dict_save_load_and_to_keep_the_stored_codes():
     assert torch.equal(stored, exact[0].weight_codes)                # checkpoints see the ONNX layout
     assert torch.equal(layer.qweight.int_repr(), exact[0].qweight.int_repr())
     assert torch.equal(layer.quantized_weight(), exact[0].quantized_weight())
-    q2 = _frozen(spec, "int", seed=1)
+    q2 = _frozen(spec, "auto", seed=1)
     q2.load_state_dict(q.state_dict())
     x = torch.randn(3, 256)
     with torch.no_grad():
@@ -135,4 +136,4 @@ def test_state_dict_save_load_and_to_keep_the_stored_codes():
 
 def test_freeze_rejects_an_unknown_kernel():
     with pytest.raises(ValueError, match="kernel must be one of"):
-        _frozen(SPECS["int8 per channel"], "fast")
+        _frozen(SPECS["int8 per channel"], "int")

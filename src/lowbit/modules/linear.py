@@ -3,10 +3,11 @@
 Once frozen, a weight-only ``QuantLinear`` (no input quantizer) can run an integer kernel of
 :mod:`lowbit.ops.weight_only` for inputs of at most :attr:`QuantLinear.kernel_max_rows` rows on
 CPU (token-by-token decoding, where reading the weight is the whole cost). The kernels compute
-with bfloat16 activations, so ``kernel="auto"`` (the default) uses them for bfloat16 inputs only
-(a bfloat16 model loses nothing); ``kernel="int"`` uses them for float32/float16 inputs too (the
-decoding speed of a float32 model, at the cost of rounding its activations to bfloat16);
-``kernel="dequantize"`` never does. Which kernel applies:
+with bfloat16 activations and float32 accumulation: with ``kernel="auto"`` (the default) a
+float32 model decodes at integer speed and its small inputs are rounded to bfloat16 on the way
+in (a bfloat16 model loses nothing); ``kernel="dequantize"`` never uses them (the exact
+reference, bit-identical to the fake-quantized model, much slower at batch 1). Which kernel
+applies:
 
 * codes of up to 4 bits in groups of 32/64/128/256 inputs and ``out_features % 64 == 0``: the
   int4 kernel; ``weight_codes`` then holds the kernel's tiled layout of the same bytes (half a
@@ -30,20 +31,20 @@ from .layer import QuantLayer
 
 __all__ = ["QuantLinear", "KERNELS"]
 
-KERNELS = ("auto", "int", "dequantize")
+KERNELS = ("auto", "dequantize")
 
 
 class QuantLinear(QuantLayer):
     """Quantized :class:`torch.nn.Linear` (weights fake-quantized until ``freeze``).
 
     Attributes:
-        kernel: ``"auto"`` (integer kernels for bfloat16 inputs, the default), ``"int"`` (for any
-            float input) or ``"dequantize"`` (always the exact path); set by ``lb.freeze``.
+        kernel: ``"auto"`` (integer kernels for small inputs, the default) or ``"dequantize"``
+            (always the exact path); set by ``lb.freeze``.
         runtime: what a frozen layer runs for small inputs: ``"int4"``, ``"int8"`` or ``"dequantize"``.
     """
 
     float_type = nn.Linear
-    kernel_max_rows = 16   # inputs with more rows are compute-bound: dequantize + float GEMM
+    kernel_max_rows = 8    # decoding (and a few beams); more rows are compute-bound: dequantize + float GEMM
     dequantize_tile = 1 << 20   # frozen layers larger than this dequantize tile by tile (float elements)
 
     def __init__(self, in_features: int, out_features: int, weight, bias, weight_quant, input_quant) -> None:
@@ -58,7 +59,7 @@ class QuantLinear(QuantLayer):
 
     # -- integer kernels of the frozen layer ----------------------------------------------------
     def set_kernel(self, kernel: str) -> None:
-        """Choose ``"auto"``, ``"int"`` or ``"dequantize"`` (see the module docstring)."""
+        """Choose ``"auto"`` or ``"dequantize"`` (see the module docstring)."""
         if kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
         self._release_runtime()
@@ -156,8 +157,7 @@ class QuantLinear(QuantLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         runtime = self.runtime
-        if (runtime != "dequantize" and (x.dtype == torch.bfloat16 or self.kernel == "int")
-                and x.device.type == "cpu" and x.numel() <= self.kernel_max_rows * x.shape[-1]):
+        if (runtime != "dequantize" and x.device.type == "cpu" and x.numel() <= self.kernel_max_rows * x.shape[-1]):
             if runtime == "int4":
                 y = weight_only.int4_mm(x, self.weight_codes.reshape(self.out_features, -1), self.weight_pairs,
                                         self._int4[0])
