@@ -117,7 +117,10 @@ def _q4_k(q: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, qmin: int, qma
     d, sc = dec
     k = (zp.to(torch.int64) - qmin)                                  # w = s * (u - k), u = q - qmin in [0, 15]
     p = (sc * k).reshape(rows, -1, 8)                               # dmin * m_j = d * sc_j * k_j = d * p_j
-    g = _gcd_rows(p)
+    full = _gcd_rows(p)
+    pow2 = full & -full                                             # largest power-of-two divisor: d*g exact
+    bad = ((p // pow2.unsqueeze(-1)) > 63).any(-1) | ~fp16_exact(d * pow2.float())
+    g = torch.where(bad, full, pow2)                                # else the whole gcd (smallest mins)
     m = p // g.unsqueeze(-1)
     dmin = d * g.float()
     if bool((m > 63).any()) or not bool(fp16_exact(dmin).all()):
