@@ -10,7 +10,8 @@ tokenizer) and named tensors, each of a ggml type. lowbit writes it with the ``g
   ``gguf-q4_k`` produce such grids (GPTQ/AWQ included);
 * any other quantized weight -> its dequantized values as ``F16`` (``float_type``), listed in
   ``GGUFExportInfo.fallback`` with the reason (e.g. a w4g128 grid, rows not a multiple of 32);
-* float weights -> ``F16`` (``float_type``), vectors (norms, biases) -> ``F32``;
+* float weights -> ``F16`` (``float_type``), vectors (norms, biases) and BERT's position and
+  token-type tables -> ``F32``;
 * activation quantizers have no GGUF form (llama.cpp quantizes activations itself): listed in
   ``dropped``.
 
@@ -44,6 +45,8 @@ __all__ = ["export_gguf", "GGUFExportInfo", "GGUF_ARCHITECTURES"]
 log = logging.getLogger(__name__)
 
 GGUF_ARCHITECTURES = ("bert", "llama")
+# llama.cpp adds these to F32 activations directly (ggml_add has no F32 + F16 on CPU): keep them F32
+_F32_TENSORS = ("token_types.weight", "position_embd.weight")
 _FILE_TYPE = {"Q4_K": "MOSTLY_Q4_K_M", "Q4_0": "MOSTLY_Q4_0", "Q8_0": "MOSTLY_Q8_0", "F16": "MOSTLY_F16",
               "F32": "ALL_F32"}
 
@@ -242,7 +245,7 @@ def export_gguf(q: nn.Module, path: str | os.PathLike, tokenizer=None, *, float_
                 arr, raw = out, gguf.GGMLQuantizationType[typ]
         else:
             t = src.detach().float().cpu()
-            arr = t.numpy().astype(np.float32 if t.dim() <= 1 else ftype_np)
+            arr = t.numpy().astype(np.float32 if t.dim() <= 1 or gname in _F32_TENSORS else ftype_np)
             if t.dim() >= 2:
                 info.float_weights.append(gname)
         if arch == "llama" and gname.endswith(("attn_q.weight", "attn_q.bias", "attn_k.weight", "attn_k.bias")):
