@@ -82,14 +82,15 @@ def test_q4_k_asymmetric_grid_with_representable_mins():
 
 
 def test_snap_scales_are_representable():
-    s = torch.rand(6, 16) * 0.01 + 1e-5
+    s = torch.rand(6, 16, generator=torch.Generator().manual_seed(6)) * 0.01 + 1e-5
     assert bool(fp16_exact(snap_scales(s, "q8_0")).all())
     k = snap_scales(s, "q4_k")
     d, sc = q4_k_decompose(k)
     assert torch.equal(d.repeat_interleave(8, dim=1) * sc.float(), k) and bool(fp16_exact(d).all())
     assert int(sc.max()) <= 63 and int(sc.min()) >= 1
     step = d.repeat_interleave(8, dim=1)                          # d >= max/63 of its super-block, < 1.001 max/63
-    assert bool(((k - s).abs() <= step / 2 * 1.0001).all())       # rounding to the nearest multiple of d
+    near = (k - s).abs() <= step / 2 * 1.0001                     # the nearest multiple of d ...
+    assert bool((near | ((s < step / 2) & (k == step))).all())    # ... but at least d (scales stay > 0)
     assert bool((step <= s.reshape(6, 2, 8).amax(-1).repeat_interleave(8, dim=1) / 63 * 1.001).all())
     odd = snap_scales(torch.rand(3, 12) + 0.1, "q4_k")            # 12 groups: not whole super-blocks -> fp16 (Q4_0)
     assert bool(fp16_exact(odd).all())
@@ -103,3 +104,29 @@ def test_grids_no_block_type_holds():
     qt = lb.QTensor.from_float(w, lb.QuantSpec(bits=4, granularity=G32))   # float32 scales, not fp16
     typ, why = gguf_blocks(qt)
     assert typ is None and "fp16" in why
+
+
+def test_q5_0_blocks_dequantize_to_lowbit_values():
+    w = _weights(seed=5)
+    spec = lb.QuantSpec(bits=5, granularity=G32)
+    scale, zp = lb.ops.choose_qparams(w, spec)
+    qt = lb.QTensor.from_float(w, spec, snap_scales(scale, "q5_0"), zp)
+    typ, data = gguf_blocks(qt)
+    assert typ == "Q5_0"
+    assert np.array_equal(quants.dequantize(data, T.Q5_0).reshape(w.shape), qt.dequantize().numpy())
+    assert np.array_equal(unpack_blocks(data, "Q5_0", 256)["codes"].astype(np.int64) - 16,
+                          qt.int_repr().numpy().astype(np.int64))
+
+
+def test_gguf_grid_q4_k_falls_back_to_q5_0_on_short_rows():
+    from lowbit.transforms import gguf_grid
+
+    model = torch.nn.Sequential(torch.nn.Linear(256, 64), torch.nn.Linear(64, 384), torch.nn.Linear(384, 8))
+    q = lb.quantize(model, weights=lb.QuantSpec(bits=4, granularity=G32))
+    assert gguf_grid(q, "q4_k") == {"0": "q4_k", "1": "q5_0", "2": "q5_0"}
+    assert q[1].weight_quant.spec.bits == 5 and q[0].weight_quant.spec.bits == 4
+    lb.freeze(q)
+    assert [gguf_blocks(q[i].qweight)[0] for i in range(3)] == ["Q4_K", "Q5_0", "Q5_0"]
+    q = lb.quantize(model, weights=lb.QuantSpec(bits=4, granularity=G32))
+    assert gguf_grid(q, "q4_k", fallback="q4_0")["2"] == "q4_0"
+    assert gguf_blocks(lb.freeze(q)[2].qweight)[0] == "Q4_0"

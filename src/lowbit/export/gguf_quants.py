@@ -5,6 +5,9 @@ Block layouts (ggml ``ggml-common.h``, all little-endian; ``QK = 32``, ``QK_K = 
 * ``block_q8_0`` (34 bytes / 32 weights): ``half d; int8 qs[32]``; ``w_i = d * qs[i]``.
 * ``block_q4_0`` (18 bytes / 32 weights): ``half d; uint8 qs[16]``; byte ``i`` holds weight ``i``
   in its low nibble and weight ``i + 16`` in its high nibble; ``w = d * (nibble - 8)``.
+* ``block_q5_0`` (22 bytes / 32 weights): ``half d; uint8 qh[4]; uint8 qs[16]``; the low 4 bits of
+  the 5-bit code ``n_i`` are packed as in Q4_0, its top bit is bit ``i`` of the little-endian
+  ``qh``; ``w = d * (n - 16)`` (llama.cpp's fallback for Q4_K rows that are not whole super-blocks).
 * ``block_q4_K`` (144 bytes / 256 weights): ``half d; half dmin; uint8 scales[12]; uint8 qs[128]``.
   The 8 sub-block scales ``sc_j`` and mins ``m_j`` (6 bits each) are packed in ``scales``: for
   ``j < 4`` the low 6 bits of ``scales[j]`` are ``sc_j`` and of ``scales[j+4]`` are ``m_j``; for
@@ -28,9 +31,9 @@ from ..ops.gguf_grid import BLOCK, SUPER_BLOCK, fp16_exact, q4_k_decompose
 from ..qtensor import QTensor
 from ..spec import PerGroup
 
-__all__ = ["pack_q8_0", "pack_q4_0", "pack_q4_k", "unpack_blocks", "gguf_blocks", "BYTES_PER_BLOCK"]
+__all__ = ["pack_q8_0", "pack_q4_0", "pack_q5_0", "pack_q4_k", "unpack_blocks", "gguf_blocks", "BYTES_PER_BLOCK"]
 
-BYTES_PER_BLOCK = {"Q8_0": (34, BLOCK), "Q4_0": (18, BLOCK), "Q4_K": (144, SUPER_BLOCK)}
+BYTES_PER_BLOCK = {"Q8_0": (34, BLOCK), "Q4_0": (18, BLOCK), "Q5_0": (22, BLOCK), "Q4_K": (144, SUPER_BLOCK)}
 
 
 def _half_bytes(d: np.ndarray) -> np.ndarray:
@@ -50,6 +53,16 @@ def pack_q4_0(nibbles: np.ndarray, d: np.ndarray) -> np.ndarray:
     b = nibbles.astype(np.uint8).reshape(rows, n // BLOCK, 2, BLOCK // 2)
     qs = b[:, :, 0] | (b[:, :, 1] << np.uint8(4))
     return np.concatenate([_half_bytes(d), qs], axis=-1).reshape(rows, -1)
+
+
+def pack_q5_0(codes: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """``codes`` ``[rows, n]`` in [0, 31] (``w = d * (code - 16)``) -> uint8 ``[rows, n/32*22]``."""
+    rows, n = codes.shape
+    c = codes.astype(np.uint8).reshape(rows, n // BLOCK, BLOCK)
+    low = (c & 15).reshape(rows, n // BLOCK, 2, BLOCK // 2)
+    qs = low[:, :, 0] | (low[:, :, 1] << np.uint8(4))
+    qh = np.packbits(c >> 4, axis=-1, bitorder="little")            # bit i of the 32-bit qh = top bit of code i
+    return np.concatenate([_half_bytes(d), qh, qs], axis=-1).reshape(rows, -1)
 
 
 def pack_q4_k(nibbles: np.ndarray, d: np.ndarray, dmin: np.ndarray, sc: np.ndarray, m: np.ndarray) -> np.ndarray:
@@ -81,6 +94,11 @@ def unpack_blocks(data: np.ndarray, qtype: str, n: int) -> dict:
         qs = blocks[..., 2:]
         nib = np.stack([qs & 15, qs >> 4], axis=2).reshape(rows, n)
         return {"codes": nib, "d": d}
+    if qtype == "Q5_0":
+        qh = np.unpackbits(blocks[..., 2:6], axis=-1, bitorder="little")
+        qs = blocks[..., 6:]
+        low = np.stack([qs & 15, qs >> 4], axis=2).reshape(rows, n // per, per)
+        return {"codes": (low | (qh << 4)).reshape(rows, n), "d": d}
     dmin = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
     s = blocks[..., 4:16]
     sc = np.concatenate([s[..., 0:4] & 63, (s[..., 8:12] & 15) | ((s[..., 0:4] >> 6) << 4)], axis=-1)
@@ -129,13 +147,13 @@ def _q4_k(q: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, qmin: int, qma
     return pack_q4_k(nib, d.numpy(), dmin.numpy(), sc.numpy(), m.reshape(rows, -1).numpy())
 
 
-def gguf_blocks(qt: QTensor, prefer: tuple[str, ...] = ("Q4_K", "Q4_0", "Q8_0")) -> tuple[str, np.ndarray] | tuple[None, str]:
+def gguf_blocks(qt: QTensor, prefer: tuple[str, ...] = ("Q4_K", "Q4_0", "Q5_0", "Q8_0")) -> tuple[str, np.ndarray] | tuple[None, str]:
     """``(type, packed uint8 [rows, bytes])`` for the first type of ``prefer`` that holds ``qt``
     exactly, or ``(None, reason)``.
 
     Exact means: llama.cpp's dequantized float32 weights equal ``qt.dequantize()`` bit for bit.
     ``qt`` must be a 2-D PerGroup(32) tensor with fp16-exact scales (Q8_0: ``q - z`` in int8;
-    Q4_0: ``q - z`` in [-8, 7]) or, for Q4_K, scales ``d * sc_j`` (see :mod:`lowbit.ops.gguf_grid`).
+    Q4_0: ``q - z`` in [-8, 7]; Q5_0: in [-16, 15]) or, for Q4_K, scales ``d * sc_j`` (see :mod:`lowbit.ops.gguf_grid`).
     """
     if not _grouped_32(qt):
         return None, f"grid {qt.spec.granularity} on shape {tuple(qt.shape)} is not PerGroup(32) along rows"
@@ -154,7 +172,7 @@ def gguf_blocks(qt: QTensor, prefer: tuple[str, ...] = ("Q4_K", "Q4_0", "Q8_0"))
                 reasons.append(f"Q4_K: {out}")
                 continue
             return t, out
-        lo, hi = (-128, 127) if t == "Q8_0" else (-8, 7)
+        lo, hi = {"Q8_0": (-128, 127), "Q5_0": (-16, 15), "Q4_0": (-8, 7)}[t]
         if not bool(fp16_exact(scale).all()):
             reasons.append(f"{t}: scales are not fp16 numbers (use a gguf-* recipe)")
             continue
@@ -163,6 +181,8 @@ def gguf_blocks(qt: QTensor, prefer: tuple[str, ...] = ("Q4_K", "Q4_0", "Q8_0"))
             continue
         if t == "Q8_0":
             return t, pack_q8_0(v.numpy(), scale.numpy())
+        if t == "Q5_0":
+            return t, pack_q5_0((v + 16).numpy(), scale.numpy())
         return t, pack_q4_0((v + 8).numpy(), scale.numpy())
     return None, "; ".join(reasons)
 

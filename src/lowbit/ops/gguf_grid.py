@@ -4,6 +4,7 @@ llama.cpp's block types store, per block of 32 weights of one row (ggml ``ggml-c
 
 * ``Q8_0``: an fp16 scale ``d`` and 32 int8 codes: ``w = d * q``;
 * ``Q4_0``: an fp16 ``d`` and 32 4-bit codes ``n`` in ``[0, 15]``: ``w = d * (n - 8)``;
+* ``Q5_0``: the same with 5-bit codes: ``w = d * (n - 16)``;
 * ``Q4_K`` (super-blocks of 256 = 8 sub-blocks of 32): fp16 ``d`` and ``dmin``, per sub-block
   6-bit integers ``sc_j`` and ``m_j`` and 4-bit codes ``n``: ``w = d*sc_j * n - dmin*m_j``.
 
@@ -20,7 +21,7 @@ import torch
 
 __all__ = ["GGUF_TYPES", "BLOCK", "SUPER_BLOCK", "fp16_exact", "fp16_round_up", "snap_scales", "q4_k_decompose"]
 
-GGUF_TYPES = ("q8_0", "q4_0", "q4_k")
+GGUF_TYPES = ("q8_0", "q4_0", "q5_0", "q4_k")
 BLOCK = 32          # weights per block (Q8_0, Q4_0) and per Q4_K sub-block
 SUPER_BLOCK = 256   # weights per Q4_K super-block (QK_K)
 
@@ -42,10 +43,10 @@ def fp16_round_up(x: torch.Tensor) -> torch.Tensor:
 def snap_scales(scale: torch.Tensor, qtype: str) -> torch.Tensor:
     """Per-group scales ``[rows, groups]`` rounded to values that GGUF ``qtype`` holds exactly.
 
-    ``q8_0``/``q4_0``: the nearest fp16 value (never 0). ``q4_k``: per super-block of 8 groups,
+    ``q8_0``/``q4_0``/``q5_0``: the nearest fp16 value (never 0). ``q4_k``: per super-block of 8 groups,
     ``d = fp16_round_up(max_j s_j / 63)`` and ``s_j -> d * clamp(round(s_j / d), 1, 63)`` (computed in
     float32, where ``d * sc`` is exact). Rows whose group count is not a multiple of 8 cannot be
-    Q4_K; they get the ``q4_0`` rounding (the fallback type). Returns float32.
+    Q4_K; they get the fp16 rounding (their fallback type, Q5_0 or Q4_0, has fp16 scales). Returns float32.
     """
     if qtype not in GGUF_TYPES:
         raise ValueError(f"qtype must be one of {GGUF_TYPES}, got {qtype!r}")

@@ -14,6 +14,7 @@ import logging
 from torch import nn
 
 from ..modules.quant_weight import QuantWeight
+from ..modules.quantizer import WeightQuantizer
 from ..ops.gguf_grid import BLOCK, GGUF_TYPES, SUPER_BLOCK, snap_scales
 from ..spec import PerGroup
 from .pipeline import register_transform
@@ -23,31 +24,42 @@ __all__ = ["gguf_grid"]
 log = logging.getLogger(__name__)
 
 
-def gguf_grid(q: nn.Module, qtype: str = "q8_0") -> dict[str, str]:
+def gguf_grid(q: nn.Module, qtype: str = "q8_0", fallback: str = "q5_0") -> dict[str, str]:
     """Pin the weight grids of ``q`` (from ``lb.quantize``, before ``lb.freeze``) to GGUF ``qtype`` scales.
 
-    Returns ``{layer name: type its grid now fits}``: ``qtype``, or ``"q4_0"`` for a Q4_K layer whose
-    rows are not a multiple of 256 (the fallback), or a reason the layer was left alone (its
+    ``fallback`` (``"q5_0"``, as llama.cpp's own Q4_K quantization does, or ``"q4_0"``) is the type
+    of Q4_K layers whose rows are not a multiple of 256: their grid becomes that type's (a 5-bit
+    symmetric grid for ``q5_0``, refitted with the layer's observer) with fp16 scales.
+    Returns ``{layer name: type its grid now fits}``, or a reason the layer was left alone (its
     grid is not PerGroup(32) along the rows, or the rows are not a multiple of 32).
     """
     if qtype not in GGUF_TYPES:
         raise ValueError(f"qtype must be one of {GGUF_TYPES}, got {qtype!r}")
+    if fallback not in ("q5_0", "q4_0"):
+        raise ValueError(f"fallback must be 'q5_0' or 'q4_0', got {fallback!r}")
     done: dict[str, str] = {}
     for name, m in q.named_modules():
         if not isinstance(m, QuantWeight) or m.frozen or not m.weight_quant.enabled:
             continue
-        g = m.weight_quant.spec.granularity
+        wq = m.weight_quant
+        g = wq.spec.granularity
         cols = m._codes_shape()[1]
         if not (isinstance(g, PerGroup) and g.size == BLOCK and g.axis in (-1, 1)) or cols % BLOCK:
             done[name] = f"left alone: grid {g} on rows of {cols} is not PerGroup(32) on whole blocks"
             continue
-        scale, zero_point = m.weight_quant.qparams(m.weight)
-        m.weight_quant.fix_qparams(snap_scales(scale, qtype), zero_point)
-        done[name] = "q4_0" if qtype == "q4_k" and cols % SUPER_BLOCK else qtype
-    fallback = [n for n, t in done.items() if t == "q4_0" and qtype == "q4_k"]
-    if fallback:
-        log.info("gguf_grid: %d layers have rows that are not a multiple of 256 and get Q4_0 scales: %s",
-                 len(fallback), ", ".join(fallback))
+        kind = qtype
+        if qtype == "q4_k" and cols % SUPER_BLOCK:
+            kind = fallback
+            if fallback == "q5_0" and wq.spec.bits < 5:
+                spec = wq.spec.replace(bits=5, symmetric=True, signed=True)   # a new quantizer: refit on 5 bits
+                wq = m.weight_quant = WeightQuantizer(spec, wq.observer, wq.observer_options, wq.ste)
+        scale, zero_point = wq.qparams(m.weight)
+        wq.fix_qparams(snap_scales(scale, kind), zero_point)
+        done[name] = kind
+    moved = [n for n, t in done.items() if qtype == "q4_k" and t != "q4_k" and not t.startswith("left")]
+    if moved:
+        log.info("gguf_grid: %d layers have rows that are not a multiple of 256 and get the %s grid: %s",
+                 len(moved), fallback, ", ".join(moved))
     q.lowbit_gguf_grid = done
     return done
 
