@@ -34,7 +34,7 @@ import torch
 
 import lowbit as lb
 from lowbit import zoo
-from lowbit.export.gguf import _collect, _hf_model, _name_map
+from lowbit.export.gguf import _name_map
 from lowbit.transformer.minilm import split_sentences
 from lowbit.transformer.sentence import with_transformer
 
@@ -97,7 +97,7 @@ def gguf_into_torch(path: str, bert: torch.nn.Module) -> torch.nn.Module:
                 continue
             t = tensors[g]
             w = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(tuple(p.shape))
-            p.copy_(torch.from_numpy(np.ascontiguousarray(w)).to(p.dtype))
+            p.copy_(torch.from_numpy(np.array(w, dtype=np.float32)).to(p.dtype))
     return out
 
 

@@ -39,6 +39,7 @@ from ..modules.linear import QuantLinear
 from ..modules.quant_weight import QuantWeight
 from ..qtensor import QTensor
 from ..spec import PerChannel, PerGroup, PerTensor, QuantSpec
+from .gguf import _hf_model
 
 __all__ = ["export_compressed_tensors", "load_compressed_tensors", "CTExportInfo", "pack_int32", "unpack_int32"]
 
@@ -111,14 +112,6 @@ def _weight_args(spec: QuantSpec, cols: int) -> dict | str:
     return {"num_bits": spec.bits, "type": "int", "symmetric": spec.symmetric, "strategy": strategy,
             "group_size": group, "dynamic": False, "actorder": None, "observer": "minmax", "observer_kwargs": {},
             "block_structure": None}
-
-
-def _hf_model(q: nn.Module) -> nn.Module:
-    for m in q.modules():
-        if isinstance(getattr(getattr(m, "config", None), "model_type", None), str) and hasattr(m, "config"):
-            return m
-    raise ValueError("q: no Hugging Face transformers model (a module with .config) inside it; the "
-                     "compressed-tensors format is a Hugging Face model directory")
 
 
 def export_compressed_tensors(q: nn.Module, path: str | os.PathLike) -> CTExportInfo:

@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch import nn
 
 from ..checkpoint.atomic import atomic_file
@@ -91,8 +90,8 @@ def _hf_model(q: nn.Module) -> nn.Module:
         cfg = getattr(m, "config", None)
         if isinstance(getattr(cfg, "model_type", None), str):
             return m
-    raise ValueError("q: no Hugging Face transformers model (a module with config.model_type) inside it; "
-                     f"export_gguf writes the architectures {GGUF_ARCHITECTURES}")
+    raise ValueError("q: no Hugging Face transformers model (a module with config.model_type) inside it; GGUF "
+                     f"export writes the architectures {GGUF_ARCHITECTURES}, compressed-tensors any transformers model")
 
 
 def _pooling(q: nn.Module) -> int:
@@ -124,8 +123,6 @@ def _rope_theta(cfg) -> float:
 
 
 def _metadata(writer, arch: str, cfg, q: nn.Module) -> None:
-    import gguf
-
     writer.add_context_length(int(cfg.max_position_embeddings))
     writer.add_embedding_length(int(cfg.hidden_size))
     writer.add_feed_forward_length(int(cfg.intermediate_size))
@@ -147,7 +144,6 @@ def _metadata(writer, arch: str, cfg, q: nn.Module) -> None:
     if head_dim * heads != cfg.hidden_size:
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
-    del gguf
 
 
 def _rope_perm(rows: int, heads: int) -> np.ndarray:
