@@ -3,7 +3,7 @@ from . import analysis, export, integer, modules, observers, ops, qat, recipes, 
 from .accounting import Coverage, coverage
 from .analysis import analyze
 from .checkpoint import load, save
-from .export import export_onnx
+from .export import export_compressed_tensors, export_gguf, export_onnx, load_compressed_tensors
 from .gptq import GPTQReport, gptq
 from .qtensor import QTensor
 from .quantize import QuantInfo, calibrate, freeze, quant_layers, quantize
@@ -15,6 +15,7 @@ __all__ = [
     "ops", "observers", "modules", "transforms", "qat", "analysis", "analyze", "recipes",
     "QTensor", "QuantSpec", "PerTensor", "PerChannel", "PerGroup", "PerToken",
     "quantize", "calibrate", "freeze", "quant_layers", "QuantInfo", "coverage", "Coverage", "save", "load", "integer",
-    "gptq", "GPTQReport", "export", "export_onnx",
+    "gptq", "GPTQReport", "export", "export_onnx", "export_gguf", "export_compressed_tensors",
+    "load_compressed_tensors",
     "__version__",
 ]

@@ -174,5 +174,22 @@ for _r in (
 ):
     register(_r)
 
+# -- GGUF (llama.cpp) block grids: lb.export_gguf writes these codes bit-exactly -----------------------
+_Q8_0 = QuantSpec(bits=8, granularity=PerGroup(32))
+_Q4 = QuantSpec(bits=4, granularity=PerGroup(32))     # Q4_0: nibble = q + 8; Q4_K: dmin = 8 d, m_j = sc_j
+_GGUF_GPTQ = ("gptq", {"keep_grid": True, "act_order": True})
+
+for _r in (
+    Recipe("gguf-q8_0", "llama.cpp Q8_0: int8 in blocks of 32 with fp16 scales (round to nearest)", _Q8_0,
+           transforms=(("gguf_grid", {"qtype": "q8_0"}),)),
+    Recipe("gguf-q4_0", "llama.cpp Q4_0: int4 in blocks of 32 with fp16 scales; AWQ, MSE ranges, GPTQ on the "
+           "pinned grid", _Q4, observer="mse",
+           transforms=(("awq", {"weights": _Q4, "explicit": False}), ("gguf_grid", {"qtype": "q4_0"}), _GGUF_GPTQ)),
+    Recipe("gguf-q4_k", "llama.cpp Q4_K: int4 in blocks of 32, scales fp16 d x 6-bit per 256 (rows not a multiple "
+           "of 256: Q4_0); AWQ, MSE ranges, GPTQ on the pinned grid", _Q4, observer="mse",
+           transforms=(("awq", {"weights": _Q4, "explicit": False}), ("gguf_grid", {"qtype": "q4_k"}), _GGUF_GPTQ)),
+):
+    register(_r)
+
 register_variant("transformer", "w8a8", "w8a8-smooth")
 register_variant("transformer", "w4g128", "w4g128-awq-gptq")

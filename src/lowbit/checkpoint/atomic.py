@@ -1,11 +1,36 @@
 """Atomic file replacement: a crash mid-write never leaves a half file in place of a good one."""
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 from pathlib import Path
+from typing import Iterator
 
-__all__ = ["atomic_write"]
+__all__ = ["atomic_write", "atomic_file"]
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``path`` for a writer that needs a file name (e.g. a library
+    writing a large file); when the block ends without error the file is synced and renamed over
+    ``path`` (atomic), otherwise it is removed and ``path`` is untouched."""
+    path = Path(path)
+    directory = path.parent if str(path.parent) else Path(".")
+    if not directory.is_dir():
+        raise ValueError(f"path: directory {str(directory)!r} does not exist; create it first")
+    tmp = directory / f".{path.name}.{secrets.token_hex(6)}.tmp"
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def atomic_write(path: str | os.PathLike, data: bytes) -> None:

@@ -1,9 +1,13 @@
-"""lowbit export: quantize a built-in or user model with a recipe, write it as a QDQ ONNX graph, and
-check ONNX Runtime's outputs against lowbit's (``lowbit.export.export_builtin`` / ``export_model``).
+"""lowbit export: quantize a built-in or user model with a recipe and write it as a QDQ ONNX graph
+(checked against ONNX Runtime: ``lowbit.export.export_builtin`` / ``export_model``), a GGUF file
+for llama.cpp or a compressed-tensors directory for transformers/vLLM
+(``lowbit.export.builtin_formats``; built-in MiniLM).
 
     lowbit export --model mnist1d --recipe w8a8 --out mnist1d-w8a8.onnx
     lowbit export --model minilm --recipe w8a8 --integer --out minilm.onnx   # MatMulInteger layers
     lowbit export --model mymodels:make_net --state-dict net.pt --calibration calib.pt --out net.onnx
+    lowbit export --model minilm --recipe gguf-q4_k --format gguf --out minilm-q4_k.gguf
+    lowbit export --model minilm --recipe w4g128-gptq --format compressed-tensors --out minilm-w4g128/
 """
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ from . import _user
 from ._args import is_factory, table
 
 NAME = "export"
-HELP = "quantize a built-in or user model with a recipe, export it as QDQ ONNX and check it with ONNX Runtime"
+HELP = "quantize a built-in or user model with a recipe and export it (ONNX, GGUF or compressed-tensors)"
 ORDER = 50
 
 
@@ -25,7 +29,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"a built-in model ({', '.join(BUILTIN_EXPORTS)}) or a user model factory (with --state-dict "
                         "and --calibration; the first calibration batch is the example input, --test's inputs the check)")
     p.add_argument("--recipe", default="w8a8", metavar="NAME", help=f"one of {', '.join(names())} (default w8a8)")
-    p.add_argument("--out", required=True, metavar="PATH", help="the .onnx file to write (its directory must exist)")
+    p.add_argument("--format", default="onnx", choices=("onnx", "gguf", "compressed-tensors"),
+                   help="onnx (QDQ graph, default), gguf (llama.cpp; --model minilm) or compressed-tensors "
+                   "(a Hugging Face directory for transformers/vLLM; --model minilm)")
+    p.add_argument("--out", required=True, metavar="PATH",
+                   help="the .onnx/.gguf file or the compressed-tensors directory to write (its parent must exist)")
     p.add_argument("--integer", action="store_true",
                    help="write int8-able Linear layers with MatMulInteger (ONNX Runtime's int8 GEMM) instead of QDQ")
     p.add_argument("--opset", type=int, default=None, metavar="N", help="ONNX opset (default 21)")
@@ -36,6 +44,15 @@ def run(args: argparse.Namespace) -> dict:
     from ..export.builtin import BUILTIN_EXPORTS, export_builtin, export_model
     from ..recipes import get
 
+    if args.format != "onnx":
+        from ..export.builtin_formats import export_builtin_format
+
+        if args.integer or args.opset is not None:
+            raise ValueError("--integer and --opset are for --format onnx")
+        if is_factory(args.model):
+            raise ValueError("--format gguf and compressed-tensors take the built-in --model minilm; for a user "
+                             "model call lb.export_gguf / lb.export_compressed_tensors from Python")
+        return export_builtin_format(args.model, args.recipe, args.out, args.format)
     if is_factory(args.model):
         model, batches, test = _user.load(args)
         check = test[0][:args.batch_size] if test is not None else batches[0]

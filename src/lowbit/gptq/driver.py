@@ -116,7 +116,7 @@ def _check_args(damp, block_size, act_order, replay) -> None:
 
 
 def _quantize_layer(name: str, layer: QuantLayer, hess: Hessian, damp: float, block_size: int,
-                    act_order: bool) -> LayerReport:
+                    act_order: bool, keep_grid: bool = False) -> LayerReport:
     t0 = time.perf_counter()
     wq_mod: WeightQuantizer = layer.weight_quant
     spec = wq_mod.spec
@@ -131,15 +131,19 @@ def _quantize_layer(name: str, layer: QuantLayer, hess: Hessian, damp: float, bl
     # a per-tensor grid is one grid for all the GEMM groups of a grouped convolution
     grid = ops.choose_qparams(w, spec, wq_mod.observer, **wq_mod.observer_options) \
         if groups > 1 and isinstance(spec.granularity, PerTensor) else None
+    pinned = keep_grid and wq_mod.fixed   # keep the grid pinned before GPTQ (e.g. GGUF-representable scales)
     outs, scales, zps, lams = [], [], [], []
     chunk = rows // groups
     for g in range(groups):
+        if pinned:
+            s_p, z_p = wq_mod.scale, wq_mod.zero_point
+            grid = (s_p, z_p) if s_p.dim() == 0 else (s_p[g * chunk:(g + 1) * chunk], z_p[g * chunk:(g + 1) * chunk])
         out, s, z, lam = solve(w[g * chunk:(g + 1) * chunk], hsum[g], spec, wq_mod.observer,
                                wq_mod.observer_options, damp=damp, block_size=block_size, act_order=act_order,
                                grid=grid)
         outs.append(out), scales.append(s), zps.append(z), lams.append(lam)
     w_q = torch.cat(outs)
-    if groups == 1 or grid is not None:
+    if groups == 1 or scales[0].dim() == 0:
         scale, zero_point = scales[0], zps[0]
     else:
         scale, zero_point = torch.cat(scales), torch.cat(zps)
@@ -153,7 +157,7 @@ def _quantize_layer(name: str, layer: QuantLayer, hess: Hessian, damp: float, bl
 
 
 def gptq(q: nn.Module, batches: Iterable, *, damp: float = 0.01, block_size: int = 128, act_order: bool = False,
-         replay: bool = True, include: Sequence[str] | str | None = None, exclude: Sequence[str] | str | None = None) -> GPTQReport:
+         replay: bool = True, keep_grid: bool = False, include: Sequence[str] | str | None = None, exclude: Sequence[str] | str | None = None) -> GPTQReport:
     """Quantize the weights of ``q`` (from ``lb.quantize``, before ``lb.freeze``) by GPTQ, in place.
 
     Frantar et al. 2022, "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
@@ -176,6 +180,8 @@ def gptq(q: nn.Module, batches: Iterable, *, damp: float = 0.01, block_size: int
             blocks compute the same output for the same batch (eval mode: the driver sets it).
         include / exclude: glob patterns over layer names selecting the layers to run GPTQ on
             (the others keep round to nearest).
+        keep_grid: layers whose grid is already pinned (``weight_quant.fix_qparams``, e.g. by the
+            ``gguf_grid`` transform) keep it; GPTQ then only chooses the codes.
 
     Returns a :class:`GPTQReport`. If anything fails, every layer's weight and grid is restored.
     """
@@ -229,7 +235,7 @@ def gptq(q: nn.Module, batches: Iterable, *, damp: float = 0.01, block_size: int
                 break
             for layer, hess in collector.group.items():
                 name = pending.pop(layer)
-                r = _quantize_layer(name, layer, hess, float(damp), block_size, act_order)
+                r = _quantize_layer(name, layer, hess, float(damp), block_size, act_order, keep_grid)
                 log.info("gptq %s: output error %.3e -> %.3e (%.1fx)", name, r.rtn_error, r.gptq_error, r.gain)
                 report.layers.append(r)
         report.unreached = list(pending.values())

@@ -105,7 +105,7 @@ def solve(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, observer: str = "mi
     ``ops.choose_qparams(..., observer, **observer_options)``. Returns ``(w_q, scale, zero_point,
     lambda)``: ``w_q`` lies exactly on the grid (``ops.fake_quantize(w_q, spec, scale, zero_point)
     == w_q``) and the parameters have the ONNX shapes of ``spec`` for ``[rows, d]``. ``grid`` pins
-    the ``(scale, zero_point)`` of a per-tensor or per-channel spec instead of fitting it.
+    the ``(scale, zero_point)`` (ONNX shapes of ``spec``) instead of fitting them.
     """
     check_spec(spec)
     options = dict(observer_options or {})
@@ -125,14 +125,14 @@ def solve(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, observer: str = "mi
     grouped = isinstance(spec.granularity, PerGroup)
     size = spec.granularity.size if grouped else d
     n_groups = -(-d // size)
-    if grouped and act_order:  # static groups, fitted to the original weights
+    if grid is not None:       # a pinned grid (any granularity)
+        scale, zero_point = grid
+    elif grouped and act_order:  # static groups, fitted to the original weights
         scale, zero_point = _fit(w, spec, observer, options)
     elif grouped:
         scale = torch.empty(rows, n_groups, dtype=torch.float64 if dtype == torch.float64 else torch.float32,
                             device=w.device)
         zero_point = torch.empty(rows, n_groups, dtype=torch.int32, device=w.device)
-    elif grid is not None:
-        scale, zero_point = grid
     else:
         scale, zero_point = _fit(w, spec, observer, options)
     row_spec = _row_spec(spec)
@@ -155,7 +155,7 @@ def solve(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, observer: str = "mi
             col = i1 + i
             j = int(perm[col]) if perm is not None else col
             g = j // size if grouped else 0
-            if grouped and not act_order and j % size == 0:  # a group starts: fit its grid now,
+            if grouped and not act_order and grid is None and j % size == 0:  # a group starts: fit its grid now,
                 end = min(j + size, d)                      # to its weights with pending updates applied
                 cur = work[col:end] - ut[col:end, i1:col] @ err1[:i] if i else work[col:end]
                 s_g, z_g = _fit(cur.T, row_spec, observer, options)

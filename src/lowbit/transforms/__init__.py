@@ -18,6 +18,7 @@ from .equalization import EqualizationPair, equalize, find_equalization_pairs
 from .fold_bn import find_conv_bn_pairs, fold_batchnorm
 from .smooth_quant import ChannelScale, SmoothedLinear, SmoothInfo, outlier_ratio, smooth_quant
 from .awq import AWQInfo, AWQLayer, awq
+from .gguf_grid import gguf_grid
 from .pipeline import TRANSFORMS, apply_transforms, quantize_with, register_transform
 
 __all__ = [
@@ -26,6 +27,6 @@ __all__ = [
     "equalize", "find_equalization_pairs", "EqualizationPair",
     "bias_correction", "output_bias",
     "smooth_quant", "SmoothedLinear", "ChannelScale", "SmoothInfo", "outlier_ratio",
-    "awq", "AWQInfo", "AWQLayer",
+    "awq", "AWQInfo", "AWQLayer", "gguf_grid",
     "quantize_with", "apply_transforms", "register_transform", "TRANSFORMS",
 ]
