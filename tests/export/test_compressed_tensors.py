@@ -95,7 +95,8 @@ def test_packing_matches_the_package():
 def test_layers_the_format_cannot_hold_stay_float(tmp_path):
     model = tiny_llama(300, hidden=128, inter=256)
     q = lb.freeze(lb.quantize(model, weights=lb.QuantSpec(bits=3, granularity=lb.PerChannel(0)),
-                              include=["*.mlp.*", "model.embed_tokens"], embeddings=lb.QuantSpec(bits=8, granularity=lb.PerChannel(0))))
+                              include=["*.mlp.*", "model.embed_tokens"], embeddings=lb.QuantSpec(bits=8, granularity=lb.PerChannel(0))),
+                  kernel="dequantize")   # the exact path: lowbit's decode kernels round activations to bfloat16
     info = export_compressed_tensors(q, tmp_path)
     assert "model.embed_tokens" in info.fallback and "model.layers.0.mlp.up_proj" in info.fallback
     assert "3-bit" in info.fallback["model.layers.0.mlp.up_proj"] and not info.quantized

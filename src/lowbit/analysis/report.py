@@ -231,7 +231,7 @@ def _accuracy(z: torch.Tensor, labels: torch.Tensor) -> float:
 @torch.no_grad()
 def analyze(float_model: nn.Module, qmodel: nn.Module, batches: Iterable, labels: Any = None, *,
             metric: str = "auto", budget: float | None = None, candidates: Sequence[int] = (2, 3, 4, 6, 8),
-            bound: bool = True, mdl: bool = True, sensitivity: bool = True, refine: int | bool = True) -> Report:
+            bound: bool = True, mdl: bool = True, sensitivity: bool = True, refine: int | bool = False) -> Report:
     """Analyse ``qmodel`` (from ``lb.quantize``, calibrated, frozen or not) against ``float_model``.
 
     Args:
