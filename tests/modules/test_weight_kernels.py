@@ -137,3 +137,20 @@ def test_state_dict_save_load_and_to_keep_the_stored_codes():
 def test_freeze_rejects_an_unknown_kernel():
     with pytest.raises(ValueError, match="kernel must be one of"):
         _frozen(SPECS["int8 per channel"], "int")
+
+
+def test_tied_embedding_never_reads_the_int4_tiles_of_its_linear_partner():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    spec = lb.QuantSpec(bits=4, granularity=lb.PerGroup(32))
+    ids = torch.randint(0, 256, (1, 20))       # more rows than the kernel takes: the exact path
+    outs = {}
+    for kernel in ("auto", "dequantize"):
+        q = lb.freeze(lb.quantize(model, weights=spec, embeddings=spec), kernel=kernel)
+        with torch.no_grad():
+            outs[kernel] = q(ids).logits
+    assert q.model.embed_tokens.weight_codes is q.lm_head.weight_codes   # shared where the layouts agree
+    assert torch.allclose(outs["auto"], outs["dequantize"], rtol=1e-5, atol=1e-5)

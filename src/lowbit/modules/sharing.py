@@ -54,14 +54,16 @@ def share_frozen_codes(groups: list[list[nn.Module]]) -> None:
     for group in groups:
         first = group[0]
         for other in group[1:]:
+            # the same run-time layout too: a QuantLinear on the int4 kernel holds its codes re-tiled,
+            # which an embedding table (or an exact-path layer) would misread
             same = (other.weight_quant.spec == first.weight_quant.spec
                     and tuple(other.weight_codes.shape) == tuple(first.weight_codes.shape)
-                    and other._codes_shape() == first._codes_shape())
+                    and other._codes_shape() == first._codes_shape()
+                    and getattr(other, "runtime", "dequantize") == getattr(first, "runtime", "dequantize"))
             if not same:
                 continue
             for b in ("weight_codes", "weight_scale", "weight_zero_point"):
                 setattr(other, b, getattr(first, b))
-            other.__dict__.pop("_dq_cache", None)
 
 
 def tied_quant_groups(modules: list[nn.Module]) -> list[list[nn.Module]]:
