@@ -16,6 +16,7 @@ from torch import nn
 from ..modules import ActQuantizer, QuantEmbedding, QuantLayer, WeightQuantizer, float_gemm_weight, is_linear_like, linear_features
 from ..ops import packing
 from ..qtensor import QTensor
+from ..modules.sharing import share_frozen_codes
 from ..modules.tree import set_module
 from ..quantize import QuantInfo, quant_embeddings, quant_layers, quantize
 from ..transforms.smooth_quant import SmoothedLinear
@@ -163,6 +164,15 @@ def _retie(model: nn.Module, ties: list[list[str]]) -> None:
             setattr(model.get_submodule(owner) if owner else model, attr, p)
 
 
+def _share_tied_codes(q: nn.Module, qmap: dict) -> None:
+    """Layers whose codes the checkpoint stores once (a tied pair, ``aliases``) hold one set of codes,
+    scales and zero points again, as after ``lb.freeze`` (``load_state_dict`` gave each its own copy)."""
+    groups = [[q.get_submodule(k.rpartition(".")[0]) for k in (canonical, key)]
+              for key, canonical in qmap.get("aliases", {}).items()
+              if key.endswith(".weight_codes") and canonical.endswith(".weight_codes")]
+    share_frozen_codes(groups)
+
+
 def _fill_buffers(q: nn.Module, raw: dict[str, torch.Tensor], names: list[str]) -> None:
     """Non-persistent buffers saved by ``lb.save``: filled where ``model_like`` has them on ``meta``."""
     for name in names:
@@ -206,6 +216,7 @@ def _still_meta(q: nn.Module) -> list[str]:
     return [n for n, t in list(q.named_parameters()) + list(q.named_buffers()) if t.device.type == "meta"]
 
 
+@torch.inference_mode(False)   # what it builds stays ordinary tensors when called inside inference_mode
 def load(path: str | os.PathLike, model_like: nn.Module) -> nn.Module:
     """Rebuild the quantized model saved at ``path`` on ``model_like`` (a float model of the same
     architecture, left untouched) and return it; its outputs are bit-identical to the saved model's.
@@ -295,6 +306,7 @@ def load(path: str | os.PathLike, model_like: nn.Module) -> nn.Module:
     q.train(qmap.get("training", False))
     if meta:
         _lay_out_codes(weighted, (raw, tensors))
+    _share_tied_codes(q, qmap)
     del raw, tensors, buffer_tensors
     _return_free_memory()
     return q
