@@ -83,3 +83,52 @@ def test_calibration_through_sentence_transformer_encode():
     lb.freeze(q)
     e, r = q.encode(sents[:2], convert_to_tensor=True), st.encode(sents[:2], convert_to_tensor=True)
     assert bool((torch.nn.functional.cosine_similarity(e, r) > 0.95).all())
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+
+
+def _ref_and_inside(build):
+    """``build()`` run normally and inside ``torch.inference_mode``: both must give the same model."""
+    ref = build()
+    with torch.inference_mode():
+        inside = build()
+    return ref, inside
+
+
+@pytest.mark.parametrize("how", ["quantize_freeze", "recipe_w8a8", "recipe_w4g128_gptq", "smooth_quant",
+                                 "bias_correction"])
+def test_entry_points_called_inside_inference_mode(how):
+    """``lb.quantize``/``lb.freeze``/recipes/transforms called inside ``torch.inference_mode`` give the
+    same model as outside, made of ordinary tensors (usable, trainable and savable after the block)."""
+    m = _mlp()
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(8, 8, generator=g) for _ in range(3)]
+    act = lb.QuantSpec(bits=8, symmetric=False)
+
+    def build():
+        if how == "quantize_freeze":
+            q = lb.quantize(m, activations=act)
+            with lb.calibrate(q):
+                for x in xs:
+                    q(x)
+            return lb.freeze(q)
+        if how == "recipe_w8a8":
+            return lb.recipes.get("w8a8").apply(m, xs)
+        if how == "recipe_w4g128_gptq":
+            return lb.recipes.get("w4g128-gptq").apply(m, xs)
+        if how == "smooth_quant":
+            return lb.transforms.smooth_quant(m, xs)
+        q = lb.quantize(m, activations=act)
+        with lb.calibrate(q):
+            for x in xs:
+                q(x)
+        return lb.transforms.bias_correction(q, xs)
+
+    ref, inside = _ref_and_inside(build)
+    assert not any(t.is_inference() for t in inside.state_dict().values())
+    with torch.no_grad():
+        assert torch.equal(inside(xs[0]), ref(xs[0]))
+    assert not any(t.is_inference() for t in m.state_dict().values())

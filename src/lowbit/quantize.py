@@ -135,6 +135,7 @@ def _float_reason(module: nn.Module) -> str:
     return f"{name} is not supported (lowbit quantizes Linear, Conv1d, Conv2d, transformers' Conv1D and their subclasses)"
 
 
+@torch.inference_mode(False)   # what it builds stays ordinary tensors when called inside inference_mode
 def quantize(model: nn.Module, weights: QuantSpec = DEFAULT_WEIGHTS, activations: QuantSpec | None = None,
              observer: str = "minmax", include: Sequence[str] | str | None = None,
              exclude: Sequence[str] | str | None = None, *, weight_observer: str | None = None,
@@ -262,7 +263,9 @@ def calibrate(model: nn.Module) -> Iterator[nn.Module]:
     missing = []
     for i, (name, aq) in enumerate(quantizers):
         try:
-            if not aq.finish_observing():
+            with torch.inference_mode(False):   # ranges fixed inside inference_mode stay ordinary tensors
+                done = aq.finish_observing()
+            if not done:
                 missing.append(name)
         except ValueError as e:   # an observer that saw only NaN/Inf: name the layer, leave no one observing
             for _, other in quantizers[i:]:
@@ -278,6 +281,7 @@ def calibrate(model: nn.Module) -> Iterator[nn.Module]:
         log.warning("lowbit: %d activation quantizers saw no data and stay float: %s", len(missing), missing)
 
 
+@torch.inference_mode(False)   # what it builds stays ordinary tensors when called inside inference_mode
 def freeze(model: nn.Module, kernel: str = "auto") -> nn.Module:
     """Store every quantized weight as integer codes (in place); returns ``model``.
 

@@ -156,6 +156,7 @@ def _quantize_layer(name: str, layer: QuantLayer, hess: Hessian, damp: float, bl
                        seconds=time.perf_counter() - t0, **errors)
 
 
+@torch.inference_mode(False)   # what it builds stays ordinary tensors when called inside inference_mode
 def gptq(q: nn.Module, batches: Iterable, *, damp: float = 0.01, block_size: int = 128, act_order: bool = False,
          replay: bool = True, keep_grid: bool = False, include: Sequence[str] | str | None = None, exclude: Sequence[str] | str | None = None) -> GPTQReport:
     """Quantize the weights of ``q`` (from ``lb.quantize``, before ``lb.freeze``) by GPTQ, in place.

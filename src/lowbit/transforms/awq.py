@@ -186,6 +186,7 @@ def _check(model, weights, grid, observer, explicit) -> None:
         raise TypeError(f"explicit must be a bool, got {explicit!r}")
 
 
+@torch.inference_mode(False)   # what it builds stays ordinary tensors when called inside inference_mode
 def awq(model: nn.Module, batches: Iterable, weights: QuantSpec, *, grid: int = 20, observer: str = "minmax",
         observer_options: dict | None = None, explicit: bool = True,
         include: Sequence[str] | str | None = None, exclude: Sequence[str] | str | None = None) -> nn.Module:

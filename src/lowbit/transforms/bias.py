@@ -231,6 +231,7 @@ def output_bias(q: nn.Module, batches: Iterable, mode: str = "model") -> dict[st
     return out
 
 
+@torch.inference_mode(False)   # what it builds stays ordinary tensors when called inside inference_mode
 @torch.no_grad()
 def bias_correction(q: nn.Module, batches: Iterable, mode: str = "model") -> nn.Module:
     """A bias-corrected copy of the quantized model ``q`` (``q`` itself is not modified).

@@ -231,6 +231,7 @@ def _equalize_pair(model: nn.Module, pair: EqualizationPair) -> float:
     return float(s.log().abs().max())
 
 
+@torch.inference_mode(False)   # what it builds stays ordinary tensors when called inside inference_mode
 def equalize(model: nn.Module, iterations: int = 100, tol: float = 1e-6, *, reference=None) -> nn.Module:
     """A cross-layer-equalized copy of the float ``model`` (which is not modified).
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
+import torch
 from torch import nn
 
 from .. import batches as _batches
@@ -90,6 +91,7 @@ def apply_transforms(model: nn.Module, batches: Iterable | None, transforms: Seq
     return model
 
 
+@torch.inference_mode(False)   # what it builds stays ordinary tensors when called inside inference_mode
 def quantize_with(model: nn.Module, batches: Iterable, *, transforms: Sequence = (), freeze: bool = True,
                   **quantize_options) -> nn.Module:
     """Float transforms -> ``lb.quantize`` -> ``lb.calibrate`` on ``batches`` -> quantized transforms -> ``lb.freeze``.

@@ -227,6 +227,7 @@ def norm_probe(norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         return x, norm(x).float()
 
 
+@torch.inference_mode(False)   # what it builds stays ordinary tensors when called inside inference_mode
 def smooth_quant(model: nn.Module, batches: Iterable, alpha: float = 0.5, *, explicit: bool = True,
                  include: Sequence[str] | str | None = None,
                  exclude: Sequence[str] | str | None = None) -> nn.Module:
