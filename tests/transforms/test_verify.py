@@ -2,6 +2,7 @@
 real form (x * w, or Gemma's x * (1 + w)), and a norm of another form is not folded."""
 from __future__ import annotations
 
+import copy
 import logging
 
 import pytest
@@ -157,3 +158,53 @@ def test_equalize_checks_the_function_on_a_reference_batch():
     e = lb.transforms.equalize(m, reference=x)
     with torch.no_grad():
         torch.testing.assert_close(e(x), m(x), rtol=1e-5, atol=1e-5)
+
+
+def _calibrated_mlp():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    xs = [torch.randn(32, 8) for _ in range(3)]
+    q = lb.quantize(m, weights=lb.QuantSpec(bits=4, granularity=lb.PerChannel(0)),
+                    activations=lb.QuantSpec(bits=8, symmetric=False))
+    with lb.calibrate(q):
+        for x in xs:
+            q(x)
+    return m, q, xs
+
+
+def test_bias_correction_keeps_the_float_stage():
+    """Oracle: the float model. The corrected copy, with its quantizers off and the shifts it removed
+    added back to its biases, computes the float model's function (<= 1e-4 relative)."""
+    m, q, xs = _calibrated_mlp()
+    out = lb.transforms.bias_correction(q, xs)
+    assert out.lowbit_bias_correction and any(s.abs().max() > 0 for s in out.lowbit_bias_correction.values())
+    f = copy.deepcopy(out)
+    for mod in f.modules():
+        if isinstance(mod, lb.modules.Quantizer):
+            mod.enabled = False
+    with torch.no_grad():
+        for name, shift in out.lowbit_bias_correction.items():
+            f.get_submodule(name).bias.add_(shift)
+        ref, got = m(xs[0]), f(xs[0])
+    assert (got - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
+def test_bias_correction_refuses_a_broken_float_stage(monkeypatch):
+    """A correction that changed the float function (here: a bias changed without recording the shift)
+    raises, naming the stage and the layers, and the quantized model passed in is left as it was."""
+    from lowbit.transforms import bias as bias_mod
+
+    m, q, xs = _calibrated_mlp()
+    before = {k: v.clone() for k, v in q.state_dict().items()}
+
+    def forgetful(layer, delta):   # subtracts the shift but forgets it: the float reference moves
+        if layer.bias is None:
+            layer.bias = nn.Parameter(torch.zeros(layer.weight.shape[0]))
+        layer.bias.data.sub_(delta.to(layer.bias.dtype))
+
+    monkeypatch.setattr(bias_mod, "_set_bias", forgetful)
+    with pytest.raises(ValueError, match="bias_correction's float stage .* the layers it changed: 0"):
+        lb.transforms.bias_correction(q, xs)
+    after = q.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert all(mod.enabled for mod in q.modules() if isinstance(mod, lb.modules.Quantizer))

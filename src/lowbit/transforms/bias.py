@@ -43,6 +43,7 @@ from torch import nn
 
 from .. import batches as _batches
 from ..modules import QuantLayer, QuantLinear, Quantizer
+from .verify import check_preserved
 
 __all__ = ["bias_correction", "output_bias", "MODES"]
 
@@ -75,6 +76,22 @@ def _uncorrected(layers):
     finally:
         for m, b in saved:
             m.bias.data.copy_(b)
+
+
+@contextlib.contextmanager
+def _float_stage(model: nn.Module):
+    """``model`` as the float network bias correction measures against: quantizers off, original biases."""
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLayer)]
+    quantizers = [m for m in model.modules() if isinstance(m, Quantizer)]
+    enabled = [m.enabled for m in quantizers]
+    try:
+        for m in quantizers:
+            m.enabled = False
+        with _uncorrected(layers):
+            yield model
+    finally:
+        for m, e in zip(quantizers, enabled):
+            m.enabled = e
 
 
 class _Stop(Exception):
@@ -266,6 +283,9 @@ def bias_correction(q: nn.Module, batches: Iterable, mode: str = "model") -> nn.
     unused = [n for n, _ in layers if n not in order]
     if unused:
         log.warning("lowbit: bias_correction: layers %s saw no data and were not corrected", unused)
+    with _float_stage(q), _float_stage(out):   # the float stage must be q's float function still
+        check_preserved(q, out, data[0], lambda m, b: _batches.call(m, b, runner.device),
+                        "bias_correction's float stage", sorted(shifts))
     out.train(q.training)
     out.lowbit_bias_correction = shifts
     return out
