@@ -60,6 +60,11 @@ class Report:
         kl_points: ``{"exact": [...], "predicted": [...]}`` per-sample KL (a sample, for the scatter).
         bound / mdl / sensitivity / mixed: the sub-results as dicts (``mixed`` None without a budget).
         notes: what was skipped and why.
+        coverage: the layers ``q`` left float, each with its kind and reason (``float``: rows
+            ``{layer, kind, reason, linear_like}``), and its ``tied``/``untied``/``aliases`` (from
+            ``lb.coverage(q)``); None if ``q`` carries no coverage report.
+        bound_unavailable: when there is no certified bound, ``{"why": ..., "remedy": ...}``: what
+            stopped it and what would make it available.
     """
 
     model: dict[str, Any]
@@ -72,13 +77,16 @@ class Report:
     mixed: dict[str, Any] | None = None
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    coverage: dict[str, Any] | None = None
+    bound_unavailable: dict[str, str] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         from dataclasses import asdict
         return _clean({"model": self.model, "layers": self.layers,
                        "anatomy": {k: asdict(v) for k, v in self.anatomy.items()}, "kl_points": self.kl_points,
                        "bound": self.bound, "mdl": self.mdl, "sensitivity": self.sensitivity, "mixed": self.mixed,
-                       "timings": self.timings, "notes": self.notes})
+                       "timings": self.timings, "notes": self.notes, "coverage": self.coverage,
+                       "bound_unavailable": self.bound_unavailable})
 
     def to_json(self, path: str | os.PathLike | None = None, indent: int = 2) -> str:
         """The report as JSON text (strict JSON: non-finite numbers become null); written to ``path`` if given."""
@@ -292,13 +300,16 @@ def analyze(float_model: nn.Module, qmodel: nn.Module, batches: Iterable, labels
         mixed = _mixed(float_model, qmodel, batches, labels, metric, budget, candidates, probe, z_f, model)
         timings["mixed_precision"] = time.perf_counter() - t
 
-    bound_d = None
+    bound_d, unavailable = None, None
     if bound:
         t = time.perf_counter()
         if not all(isinstance(b, torch.Tensor) for b in batches):
-            notes.append("certified bound skipped: the inputs are not single tensors")
+            unavailable = {"why": f"the model is called with {_input_kind(batches[0])}, not one input tensor",
+                           "remedy": _BOUND_DOMAIN + _NO_TRANSFORMER}
         elif z_f.dim() != 2 or z_f.shape[1] < 2:
-            notes.append("certified bound skipped: the model's outputs are not classifier logits [N, C]")
+            unavailable = {"why": f"the model's outputs have shape {list(z_f.shape)[1:]} per input, not classifier "
+                                  "logits [N, C]",
+                           "remedy": _BOUND_DOMAIN + " Embedding models and per-token outputs get none."}
         else:
             x = torch.cat(batches)
             res = certify(float_model, qmodel, x, refine=refine)
@@ -313,7 +324,11 @@ def analyze(float_model: nn.Module, qmodel: nn.Module, batches: Iterable, labels
                                              if k not in ("sources", "per_input", "limit_fraction", "ratio_to_limit")}
                 model["certified_fraction_exact_rounding"] = exact.certified_fraction
             else:
-                notes.append("certified bound unavailable: " + "; ".join(res.unsupported))
+                unavailable = {"why": "no bound rule for: " + "; ".join(res.unsupported),
+                               "remedy": _BOUND_DOMAIN + " Replace the named operations (e.g. GELU by ReLU) or read "
+                                         "the error anatomy and sensitivity instead."}
+        if unavailable is not None:
+            notes.append(f"certified bound unavailable: {unavailable['why']}")
         timings["bound"] = time.perf_counter() - t
 
     mdl_d, codes = None, {}
@@ -332,7 +347,36 @@ def analyze(float_model: nn.Module, qmodel: nn.Module, batches: Iterable, labels
             r["suggested_bits"] = mixed["bits"][r["layer"]]
     timings["total"] = sum(timings.values())
     return Report(model=model, layers=rows, anatomy=anat, kl_points=kl_points, bound=bound_d, mdl=mdl_d,
-                  sensitivity=None if sens is None else sens.as_dict(), mixed=mixed, timings=timings, notes=notes)
+                  sensitivity=None if sens is None else sens.as_dict(), mixed=mixed, timings=timings, notes=notes,
+                  coverage=_coverage(qmodel), bound_unavailable=unavailable)
+
+
+_BOUND_DOMAIN = ("The certificate covers a model called on one input tensor that returns classifier logits [N, C], "
+                 "built of operations with a bound rule: Linear/Conv layers, BatchNorm, ReLU-like and monotone "
+                 "activations, pooling, concatenation and elementwise arithmetic.")
+_NO_TRANSFORMER = (" Transformer blocks (embedding lookups, attention and softmax, LayerNorm, GELU) have no bound rule "
+                   "yet, so a transformer gets no certificate in this version; pass test inputs as tensors to a model "
+                   "of the kind above to get one.")
+
+
+def _input_kind(batch: Any) -> str:
+    if isinstance(batch, dict):
+        return "keyword inputs (" + ", ".join(map(str, batch)) + ")"
+    if isinstance(batch, (tuple, list)):
+        return f"{len(batch)} positional inputs"
+    return f"a {type(batch).__name__}"
+
+
+def _coverage(qmodel: nn.Module) -> dict[str, Any] | None:
+    """The float layers of ``qmodel`` with kind and reason, and its ties (from ``lb.coverage``)."""
+    cov = getattr(qmodel, "lowbit_coverage", None)
+    if cov is None:
+        return None
+    modules = dict(qmodel.named_modules())
+    rows = [{"layer": n, "kind": type(modules[n]).__name__ if n in modules else None, "reason": why,
+             "linear_like": n in cov.linear_like_float} for n, why in cov.float.items()]
+    return {"quantized": len(cov.quantized), "float": rows, "tied": [list(g) for g in cov.tied],
+            "untied": dict(cov.untied), "aliases": dict(cov.aliases)}
 
 
 def _mixed(float_model, qmodel, batches, labels, metric, budget, candidates, probe, z_f, model) -> dict:

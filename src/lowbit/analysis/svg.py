@@ -19,7 +19,9 @@ _FONT = 'font-family="sans-serif" font-size="11"'
 def _num(v: float) -> str:
     if v == 0 or not math.isfinite(v):
         return "0" if v == 0 else str(v)
-    return f"{v:.3g}" if 1e-3 <= abs(v) < 1e4 else f"{v:.2e}"
+    if 1e3 <= abs(v) < 1e5:
+        return f"{v:.0f}"                      # a count: 1330, not 1.33e+03
+    return f"{v:.3g}" if 1e-3 <= abs(v) < 1e3 else f"{v:.2e}"
 
 
 def _svg(width: int, height: int, body: list[str], title: str) -> str:
@@ -29,10 +31,16 @@ def _svg(width: int, height: int, body: list[str], title: str) -> str:
     return head + text + "".join(body) + "</svg>"
 
 
-def bars(labels: Sequence[str], values: Sequence[float], title: str, log: bool = False, width: int = 560) -> str:
-    """Horizontal bars, one per label (log scale if ``log`` and all values are > 0)."""
+_CHAR = 6.6   # px per character of an 11 px sans-serif label, a little over the widest usual glyph average
+
+
+def bars(labels: Sequence[str], values: Sequence[float], title: str, log: bool = False, width: int | None = None) -> str:
+    """Horizontal bars, one per label (log scale if ``log`` and all values are > 0); labels are
+    shown whole: the label column is as wide as the longest label (and ``width`` grows with it)."""
     n = max(len(values), 1)
-    row, left, top = 18, 170, 24
+    row, top = 18, 24
+    left = int(max(170, 12 + _CHAR * max([len(str(lab)) for lab in labels] + [0])))
+    width = max(width or 0, left + 390)
     height = top + n * row + 24
     vals = [float(v) if math.isfinite(float(v)) else 0.0 for v in values]
     use_log = log and vals and all(v > 0 for v in vals)
@@ -47,7 +55,7 @@ def bars(labels: Sequence[str], values: Sequence[float], title: str, log: bool =
     body = []
     for i, (lab, v, p) in enumerate(zip(labels, vals, pos)):
         y = top + i * row
-        body.append(f'<text x="{left - 6}" y="{y + 12}" text-anchor="end" {_FONT}>{escape(str(lab)[:28])}</text>')
+        body.append(f'<text x="{left - 6}" y="{y + 12}" text-anchor="end" {_FONT}>{escape(str(lab))}</text>')
         body.append(f'<rect x="{left}" y="{y + 3}" width="{max(p, 0.0) * span:.1f}" height="{row - 6}" fill="{COLORS[0]}"/>')
         body.append(f'<text x="{left + max(p, 0.0) * span + 4:.1f}" y="{y + 12}" {_FONT}>{_num(v)}</text>')
     if use_log:
@@ -70,7 +78,7 @@ def _axes(x0: float, y0: float, w: float, h: float, xr, yr, xlabel: str, ylabel:
 def lines(x: Sequence[float], series: dict[str, Sequence[float]], title: str, xlabel: str = "", ylabel: str = "",
           markers: dict[str, float] | None = None, log_y: bool = False, width: int = 360, height: int = 220) -> str:
     """Line chart of ``series`` over ``x``, with labelled vertical ``markers``."""
-    x0, y0, w, h = 56, 24, width - 70, height - 70
+    x0, y0, w, h = 64, 24, width - 78, height - 70
     tr = (lambda v: math.log10(max(v, 1e-300))) if log_y else float
     ys = [tr(v) for s in series.values() for v in s if math.isfinite(v) and (v > 0 or not log_y)]
     if not x or not ys:
@@ -96,7 +104,7 @@ def lines(x: Sequence[float], series: dict[str, Sequence[float]], title: str, xl
 def histogram(edges: Sequence[float], counts: Sequence[int], title: str, xlabel: str = "",
               width: int = 360, height: int = 200) -> str:
     """Bars over bins ``[edges[i], edges[i+1])``."""
-    x0, y0, w, h = 56, 24, width - 70, height - 60
+    x0, y0, w, h = 64, 24, width - 78, height - 60
     top = max(list(counts) + [1])
     bw = w / max(len(counts), 1)
     body = _axes(x0, y0, w, h, (edges[0], edges[-1]), (0, top), xlabel, "count")
@@ -113,7 +121,7 @@ def scatter(xs: Sequence[float], ys: Sequence[float], title: str, xlabel: str = 
     pts = [(math.log10(a), math.log10(b)) for a, b in zip(xs, ys) if a > 0 and b > 0 and math.isfinite(a + b)]
     if not pts:
         return _svg(width, 40, [f'<text x="10" y="32" {_FONT}>no data</text>'], title)
-    x0, y0, w, h = 56, 24, width - 70, height - 70
+    x0, y0, w, h = 64, 24, width - 78, height - 70
     lo = min(min(p) for p in pts)
     hi = max(max(p) for p in pts)
     span = max(hi - lo, 1e-9)

@@ -82,7 +82,8 @@ def run(args: argparse.Namespace) -> dict:
     return {"model": args.model, "recipe": args.recipe, "resolved_recipe": recipe.name, "out": str(args.out),
             "summary": summary,
             "mixed": None if report.mixed is None else {k: v for k, v in report.mixed.items() if k != "candidates"},
-            "notes": report.notes, "results": report.table()}
+            "notes": report.notes, "coverage": report.coverage, "bound_unavailable": report.bound_unavailable,
+            "results": report.table()}
 
 
 def render(result: dict) -> str:
