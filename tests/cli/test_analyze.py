@@ -28,7 +28,7 @@ def test_bad_arguments_fail_cleanly_and_write_nothing(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["analyze", "--samples", "0", "--out", str(out)])
     assert main(["analyze", "--model", "imagenet", "--out", str(out)]) == 2
-    assert "--model must be digits, mnist1d, minilm or package.module:factory" in capsys.readouterr().err
+    assert "--model must be digits, mnist1d, minilm, package.module:factory or a Hugging Face" in capsys.readouterr().err
     assert main(["analyze", "--model", "digits", "--state-dict", "w.pt", "--out", str(out)]) == 2
     assert "--state-dict is for user models" in capsys.readouterr().err
     assert not out.exists()

@@ -1,14 +1,27 @@
 """A user's model on the command line, as ``lowbit quantize`` takes it: ``--model package.module:factory``
-(called with no arguments) ``--state-dict FILE`` (``torch.save(model.state_dict())`` or .safetensors)
-``--calibration FILE.pt`` (a tensor of inputs split into ``--batch-size`` rows, or a list of batches)
-and optionally ``--test FILE.pt`` (inputs, or ``(inputs, labels)``)."""
+(called with no arguments) ``--state-dict FILE`` (``torch.save(model.state_dict())`` or .safetensors),
+or ``--model DIR``, a Hugging Face model directory (config.json + safetensors, as ``save_pretrained``
+writes it; no ``--state-dict``); then ``--calibration FILE.pt`` (a tensor of inputs, e.g. token ids
+``(N, T)``, split into ``--batch-size`` rows, or a list of batches) and optionally ``--test FILE.pt``
+(inputs, or ``(inputs, labels)``)."""
 from __future__ import annotations
 
 import argparse
+import os
 
-from ._args import import_factory, positive_int
+from ._args import import_factory, is_factory, positive_int
 
-__all__ = ["add_arguments", "load", "check_unused"]
+__all__ = ["add_arguments", "load", "check_unused", "is_directory", "is_user_model"]
+
+
+def is_directory(text: str) -> bool:
+    """``--model`` names a directory (a Hugging Face model directory): an existing one, or a path."""
+    return not is_factory(text) and (os.path.isdir(text) or os.sep in text or text.startswith("."))
+
+
+def is_user_model(text: str) -> bool:
+    """``package.module:factory`` or a model directory (anything else names a built-in model)."""
+    return is_factory(text) or is_directory(text)
 
 _FLAGS = ("state_dict", "calibration", "test")
 
@@ -34,6 +47,14 @@ def load(args: argparse.Namespace, need_calibration: bool = True):
     ``(inputs, labels or None)`` or None."""
     from .. import demo
 
+    if is_directory(args.model):
+        from ..demo.hf_directory import load_hf_directory
+
+        if getattr(args, "state_dict", None):
+            raise ValueError("--state-dict is for --model package.module:factory; a model directory brings its "
+                             "weights (model.safetensors)")
+        data = _data(args, need_calibration, demo)   # the inputs' errors before the model's load
+        return (load_hf_directory(args.model, "--model"), *data)
     factory = import_factory(args.model)
     if not args.state_dict:
         raise ValueError("--state-dict is required with a user model: pass the trained weights "
@@ -42,6 +63,13 @@ def load(args: argparse.Namespace, need_calibration: bool = True):
         raise ValueError("--calibration is required with a user model: pass model inputs saved with "
                          "torch.save(x, 'calib.pt') (a tensor (N, ...) or a list of batches)")
     model = demo.build_user_model(factory, demo.load_state_dict_file(args.state_dict))
+    return (model, *_data(args, need_calibration, demo))
+
+
+def _data(args: argparse.Namespace, need_calibration: bool, demo) -> tuple:
+    if need_calibration and not args.calibration:
+        raise ValueError("--calibration is required with a user model: pass model inputs saved with "
+                         "torch.save(x, 'calib.pt') (a tensor (N, ...), e.g. token ids, or a list of batches)")
     batches = demo.load_calibration_file(args.calibration, args.batch_size) if args.calibration else None
     test = demo.load_test_file(args.test) if args.test else None
-    return model, batches, test
+    return batches, test

@@ -4,6 +4,7 @@
     lowbit analyze --model minilm --recipe w8a8 --out reports/minilm      # cosine instead of KL
     lowbit analyze --model mymodels:make_net --state-dict net.pt --calibration calib.pt \
         [--test test.pt] --out reports/net       # a user model, as `lowbit quantize` takes it
+    lowbit analyze --model ./my-gpt2 --calibration ids.pt --out reports/gpt2   # save_pretrained directory
 
 Quantizes the model with a named recipe of :mod:`lowbit.recipes` (calibrated on the training
 split, not frozen), runs :func:`lowbit.analyze` on the test split and writes ``report.json`` and a
@@ -16,7 +17,7 @@ import logging
 from pathlib import Path
 
 from . import _user
-from ._args import fmt, is_factory, positive_int, table
+from ._args import fmt, positive_int, table
 
 NAME = "analyze"
 HELP = "error anatomy, sensitivity, KL, certified bounds and bits of a quantized built-in or user model"
@@ -27,8 +28,8 @@ log = logging.getLogger("lowbit.cli.analyze")
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="digits", metavar="NAME|package.module:factory",
-                   help="a built-in model (digits, mnist1d, minilm) or a user model factory (with --state-dict, "
-                        "--calibration, optionally --test)")
+                   help="a built-in model (digits, mnist1d, minilm), a user model factory (with --state-dict, "
+                        "--calibration, optionally --test) or a Hugging Face model directory (with --calibration)")
     p.add_argument("--recipe", default="w8a8", help="a named recipe of lowbit.recipes (w8a8, w4a8, w4g128, ...)")
     p.add_argument("--out", required=True, type=Path, help="directory for report.json and report.html")
     p.add_argument("--samples", type=positive_int, default=None,
@@ -44,7 +45,7 @@ def run(args: argparse.Namespace) -> dict:
 
     samples = args.samples or (64 if args.model == "minilm" else 1000)
     log.info("lowbit analyze: loading %s", args.model)
-    if is_factory(args.model):
+    if _user.is_user_model(args.model):
         recipe = recipes.get(args.recipe)
         model, calib, test = _user.load(args)
         if test is not None:
@@ -54,7 +55,8 @@ def run(args: argparse.Namespace) -> dict:
             batches, labels = calib, None
         metric = "kl" if labels is not None else "auto"
     elif args.model not in ("digits", "mnist1d", "minilm"):
-        raise ValueError(f"--model must be digits, mnist1d, minilm or package.module:factory, got {args.model!r}")
+        raise ValueError(f"--model must be digits, mnist1d, minilm, package.module:factory or a Hugging Face "
+                         f"model directory, got {args.model!r}")
     elif args.model == "minilm":
         from ..transformer import calibration_batches
 

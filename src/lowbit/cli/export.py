@@ -6,6 +6,7 @@ for llama.cpp or a compressed-tensors directory for transformers/vLLM
     lowbit export --model mnist1d --recipe w8a8 --out mnist1d-w8a8.onnx
     lowbit export --model minilm --recipe w8a8 --integer --out minilm.onnx   # MatMulInteger layers
     lowbit export --model mymodels:make_net --state-dict net.pt --calibration calib.pt --out net.onnx
+    lowbit export --model ./my-model --calibration inputs.pt --out model.onnx    # save_pretrained directory
     lowbit export --model minilm --recipe gguf-q4_k --format gguf --out minilm-q4_k.gguf
     lowbit export --model minilm --recipe w4g128-gptq --format compressed-tensors --out minilm-w4g128/
 """
@@ -14,7 +15,7 @@ from __future__ import annotations
 import argparse
 
 from . import _user
-from ._args import is_factory, table
+from ._args import table
 
 NAME = "export"
 HELP = "quantize a built-in or user model with a recipe and export it (ONNX, GGUF or compressed-tensors)"
@@ -49,17 +50,17 @@ def run(args: argparse.Namespace) -> dict:
 
         if args.integer or args.opset is not None:
             raise ValueError("--integer and --opset are for --format onnx")
-        if is_factory(args.model):
+        if _user.is_user_model(args.model):
             raise ValueError("--format gguf and compressed-tensors take the built-in --model minilm; for a user "
                              "model call lb.export_gguf / lb.export_compressed_tensors from Python")
         return export_builtin_format(args.model, args.recipe, args.out, args.format)
-    if is_factory(args.model):
+    if _user.is_user_model(args.model):
         model, batches, test = _user.load(args)
         check = test[0][:args.batch_size] if test is not None else batches[0]
         return export_model(args.model, model, get(args.recipe), batches, check, args.out, opset=args.opset,
                             integer=args.integer)
     if args.model not in BUILTIN_EXPORTS:
-        raise ValueError(f"--model must be one of {', '.join(BUILTIN_EXPORTS)} or package.module:factory, "
+        raise ValueError(f"--model must be one of {', '.join(BUILTIN_EXPORTS)}, package.module:factory or a model directory, "
                          f"got {args.model!r}")
     _user.check_unused(args, args.model)
     return export_builtin(args.model, args.recipe, args.out, opset=args.opset, integer=args.integer)

@@ -2,7 +2,8 @@
 
 Built-in models (--model digits|mnist1d) calibrate on their own training data. A user model is
 --model package.module:factory (importable from the current directory or PYTHONPATH; called
-with no arguments) plus --state-dict FILE (torch.save(model.state_dict()) or .safetensors),
+with no arguments) plus --state-dict FILE (torch.save(model.state_dict()) or .safetensors), or
+--model DIR, a Hugging Face model directory (config.json + safetensors, from save_pretrained),
 calibrated on --calibration FILE.pt: torch.save(x) of a tensor of inputs (N, ...), split into
 --batch-size rows, or of a list of batches. Weight-only recipes (w4g128, w4g32) need no
 calibration. --test FILE.pt (a tensor of inputs, or (inputs, labels)) adds accuracy and the
@@ -15,8 +16,8 @@ from __future__ import annotations
 
 import argparse
 
-from . import _minilm
-from ._args import fmt, import_factory, is_factory, positive_int
+from . import _minilm, _user as _user_model
+from ._args import fmt, is_factory, positive_int
 
 NAME = "quantize"
 HELP = "quantize one model with one recipe and save the checkpoint"
@@ -28,7 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..recipes import names
 
     p.add_argument("--model", required=True, metavar="NAME|package.module:factory",
-                   help=f"a built-in model ({', '.join(sorted(BUILTIN_MODELS))}) or a user model factory")
+                   help=f"a built-in model ({', '.join(sorted(BUILTIN_MODELS))}), a user model factory or a "
+                   "Hugging Face model directory")
     p.add_argument("--recipe", default="w8a8", metavar="NAME", help=f"one of {', '.join(names())} (default w8a8)")
     p.add_argument("--out", metavar="PATH", help="checkpoint to write (.safetensors); its directory must exist "
                    "(required, except with --model minilm)")
@@ -63,7 +65,7 @@ def _dispatch(args: argparse.Namespace, recipe) -> dict:
     """``package.module:factory`` -> the user-model path; any other name -> the built-in model of
     that name (``lowbit.demo.BUILTIN_MODELS``: each kind brings its loader, calibration batches and
     metrics, so a new kind such as ``minilm`` registers there and needs nothing here)."""
-    if is_factory(args.model):
+    if is_factory(args.model) or _user_model.is_directory(args.model):   # a factory or a Hugging Face directory
         return _user(args, recipe)
     return _builtin(args, recipe)
 
@@ -89,13 +91,7 @@ def _builtin(args: argparse.Namespace, recipe) -> dict:
 def _user(args: argparse.Namespace, recipe) -> dict:
     from .. import demo
 
-    factory = import_factory(args.model)
-    if not args.state_dict:
-        raise ValueError("--state-dict is required with a user model: pass the trained weights "
-                         "(torch.save(model.state_dict(), 'weights.pt'))")
-    model = demo.build_user_model(factory, demo.load_state_dict_file(args.state_dict))
-    batches = demo.load_calibration_file(args.calibration, args.batch_size) if args.calibration else None
-    test = demo.load_test_file(args.test) if args.test else None
+    model, batches, test = _user_model.load(args, need_calibration=False)
     return demo.quantize_model(model, recipe, batches, args.out, include=args.include, exclude=args.exclude,
                                evaluate=lambda f, q: demo.user_metrics(f, q, test, batches))
 

@@ -132,6 +132,13 @@ def _user_model(args: argparse.Namespace):
     from .. import demo, zoo
     from ._args import import_factory, is_factory
 
+    from ._user import is_directory
+
+    if is_directory(args.model):
+        raise ValueError(f"--model {args.model!r}: lowbit train takes a built-in model or package.module:factory "
+                         "(a classifier trained on --train (inputs, labels)); a Hugging Face model directory is "
+                         "quantized, analysed and exported from the command line, not trained: build it in a factory "
+                         "that returns a module mapping inputs to logits")
     if not is_factory(args.model):
         for flag in ("state_dict", "train", "test"):
             if getattr(args, flag, None):

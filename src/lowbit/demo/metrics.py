@@ -98,6 +98,12 @@ def checkpoint_bytes(q: nn.Module) -> int:
 
 
 def float_checkpoint_bytes(model: nn.Module) -> int:
-    """Size of ``safetensors.torch.save_file(model.state_dict(), path)`` (no file is written)."""
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    """Size of ``safetensors.torch.save_file(model.state_dict(), path)`` (no file is written); a tensor
+    reached by several names (tied weights) is stored once, as ``safetensors.torch.save_model`` does."""
+    state, seen = {}, set()
+    for k, v in model.state_dict().items():
+        key = (v.device.type, v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), v.dtype)
+        if key not in seen:
+            seen.add(key)
+            state[k] = v.detach().cpu().contiguous()
     return len(safetensors.torch.save(state))
