@@ -97,7 +97,7 @@ def _coverage_section(report) -> str:
         quantized = len(q.get("quantized") or [])
     else:
         rows, quantized = cov["float"], cov["quantized"]
-    parts = [f"<h2>Layers left float</h2><p><small>{quantized} layers quantized, {len(rows)} left float "
+    parts = [f"<h2>Layers left float</h2><p><small>{quantized} modules quantized, {len(rows)} left float "
              "(every module holding parameters is one or the other).</small></p>"]
     if rows:
         table = [{"layer": _name(r["layer"]), "kind": escape(r["kind"] or ""),

@@ -359,11 +359,14 @@ _NO_TRANSFORMER = (" Transformer blocks (embedding lookups, attention and softma
                    "of the kind above to get one.")
 
 
-def _input_kind(batch: Any) -> str:
+def _input_kind(batch: Any, top: bool = True) -> str:
+    """How a batch calls the model, in words: ``keyword inputs (input_ids)``, ``a dict (...)``, ..."""
     if isinstance(batch, dict):
-        return "keyword inputs (" + ", ".join(map(str, batch)) + ")"
+        return ("keyword inputs (" if top else "a dict (") + ", ".join(map(str, batch)) + ")"
     if isinstance(batch, (tuple, list)):
-        return f"{len(batch)} positional inputs"
+        if len(batch) == 1:
+            return "one positional argument, " + _input_kind(batch[0], top=False)
+        return f"{len(batch)} positional arguments"
     return f"a {type(batch).__name__}"
 
 
