@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from ..modules import QuantConv1d, QuantConv2d, QuantLayer, QuantLinear
+from ..modules import QuantLayer
 from ..ops.integer_math import int_matmul, quantize_multiplier, requantize
 from ..spec import PerChannel, PerGroup, PerTensor, PerToken, QuantSpec
 
@@ -41,6 +41,8 @@ _INT32 = (1 << 31) - 1
 
 def unsupported_reason(layer: QuantLayer) -> str | None:
     """Why ``layer`` cannot run on the integer path (``None`` if it can)."""
+    if layer.integer_kind not in _KINDS:
+        return f"{type(layer).__name__}: {layer.integer_missing} (it runs float, on its dequantized weight)"
     if not layer.frozen:
         return "not frozen (call lb.freeze first)"
     aq = layer.input_quant
@@ -50,7 +52,7 @@ def unsupported_reason(layer: QuantLayer) -> str | None:
         return "its input quantizer is disabled or uncalibrated"
     g = aq.spec.granularity
     if isinstance(g, PerToken):
-        if not isinstance(layer, QuantLinear):
+        if layer.channel_dim != -1:
             return "per-token input scales mix inside a convolution"
     elif not isinstance(g, PerTensor):
         return f"input granularity {type(g).__name__} puts several scales into one accumulator"
@@ -246,7 +248,7 @@ class IntegerLayer(nn.Module):
 
 
 class IntegerLinear(IntegerLayer):
-    """Integer :class:`lowbit.modules.QuantLinear`: ``x [..., K] -> y [..., O]``."""
+    """Integer Linear (``integer_kind == "linear"``: :class:`lowbit.modules.QuantLinear`): ``x [..., K] -> y [..., O]``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         codes, sx, zp = self.quantize_input(x)
@@ -257,11 +259,12 @@ class IntegerLinear(IntegerLayer):
 
 
 class IntegerConv(IntegerLayer):
-    """Integer :class:`lowbit.modules.QuantConv1d` / ``QuantConv2d`` (GEMM over im2col patches of codes)."""
+    """Integer convolution (``integer_kind == "conv"``: :class:`lowbit.modules.QuantConv1d` / ``QuantConv2d``),
+    a GEMM over im2col patches of codes."""
 
-    def __init__(self, layer: QuantConv1d | QuantConv2d, rounding: str = "half_even") -> None:
+    def __init__(self, layer: QuantLayer, rounding: str = "half_even") -> None:
         super().__init__(layer, rounding)
-        self.spatial = 1 if isinstance(layer, QuantConv1d) else 2
+        self.spatial = len(tuple(layer.kernel_size))
         self.kernel_size, self.stride, self.dilation = layer.kernel_size, layer.stride, layer.dilation
         self.padding_mode = layer.padding_mode
         pads = layer._reversed_padding_repeated_twice
@@ -300,9 +303,13 @@ class IntegerConv(IntegerLayer):
 
 
 def from_quant_layer(layer: QuantLayer, rounding: str = "half_even") -> IntegerLayer:
-    """The integer counterpart of a frozen quantized layer (raises ``ValueError`` with the reason if none)."""
-    if isinstance(layer, QuantLinear):
-        return IntegerLinear(layer, rounding)
-    if isinstance(layer, (QuantConv1d, QuantConv2d)):
-        return IntegerConv(layer, rounding)
-    raise TypeError(f"no integer counterpart for {type(layer).__name__}")
+    """The integer counterpart of a frozen quantized layer, by its :attr:`~lowbit.modules.QuantLayer.integer_kind`
+    (raises ``ValueError`` with the reason if none)."""
+    kind = _KINDS.get(layer.integer_kind)
+    if kind is None:
+        raise TypeError(f"no integer counterpart for {type(layer).__name__}: {layer.integer_missing}")
+    return kind(layer, rounding)
+
+
+# QuantLayer.integer_kind -> the integer layer that runs it
+_KINDS: dict[str | None, type[IntegerLayer]] = {"linear": IntegerLinear, "conv": IntegerConv}
