@@ -22,7 +22,8 @@ class, so a new layer type is one module (see ``docs/layers.md``):
   :meth:`QuantLayer.functional`): bound analysis, export, the dequantized fast path;
 * a probe input (:meth:`QuantLayer.probe_input`): the checks of BN folding and of subclasses;
 * its ONNX initializer layout (:meth:`QuantLayer.onnx_weight`);
-* its integer form (:attr:`QuantLayer.integer_kind`: ``"linear"``, ``"conv"`` or ``None`` with
+* its integer form (:attr:`QuantLayer.integer_kind`: ``"linear"``, ``"conv"``, ``"gemm"`` (any layer
+  that can unfold its input into GEMM rows, :meth:`QuantLayer.gemm_unfold`) or ``None`` with
   :attr:`QuantLayer.integer_missing` saying why it runs float).
 """
 from __future__ import annotations
@@ -73,7 +74,7 @@ class QuantLayer(QuantWeight):
     float_name: str = ""          # how messages name that float layer (default: float_type's name)
     channel_dim: int = 1          # axis of the channels in the layer's inputs and outputs (-1: last, Linear-like)
     folds_bn: bool = True         # a BatchNorm on its output folds into its GEMM rows (lowbit.transforms.fold_bn)
-    integer_kind: str | None = None   # "linear" / "conv": the lowbit.integer layer that runs it; None: float
+    integer_kind: str | None = None   # "linear" / "conv" / "gemm": the lowbit.integer layer that runs it; None: float
     integer_missing: str = "no integer kernel for this layer type"   # why, when integer_kind is None
 
     def __init_subclass__(cls, **kwargs) -> None:
@@ -144,6 +145,12 @@ class QuantLayer(QuantWeight):
 
     def gemm_inputs(self, x: torch.Tensor) -> torch.Tensor:
         """The vectors the GEMM weight multiplies, ``[groups, n, d]`` (GPTQ's Hessian, AWQ)."""
+        raise NotImplementedError
+
+    def gemm_unfold(self):
+        """``f(x) -> [groups, n, d]``: :meth:`gemm_inputs` as a function holding no reference to the layer,
+        padding with zeros and only copying values (so it is exact on integer codes held as float32).
+        Needed by ``integer_kind = "gemm"`` (:class:`lowbit.integer.layer.IntegerGemm`)."""
         raise NotImplementedError
 
     def onnx_weight(self, codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int):
