@@ -21,6 +21,8 @@ from .layer_types import (LAYER_CLASSES, float_gemm_weight, is_linear_like, laye
 
 for _info in _pkgutil.iter_modules(__path__):   # layer types defined in their own module register on import
     _importlib.import_module(f"{__name__}.{_info.name}")
+_registered = [cls.__name__ for cls in LAYER_CLASSES if cls.__name__ not in globals()]
+globals().update({cls.__name__: cls for cls in LAYER_CLASSES})   # lowbit.modules.QuantConvTranspose2d, ...
 
 # float module type -> quantized replacement (the torch layers; see layer_types.quant_class_for for
 # subclasses and transformers' Conv1D)
@@ -28,4 +30,4 @@ QUANT_TYPES = {cls.float_type: cls for cls in LAYER_CLASSES if cls.float_type is
 
 __all__ = ["QuantLayer", "QuantEmbedding", "check_embedding_spec", "QuantLinear", "QuantConv1d", "QuantConv2d", "QuantConv1D",
            "LAYER_CLASSES", "layer_class", "quant_class_for", "make_quant_layer", "is_linear_like", "float_gemm_weight", "linear_features", "Quantizer", "WeightQuantizer",
-           "ActQuantizer", "make_observer", "OBSERVERS", "QUANT_TYPES"]
+           "ActQuantizer", "make_observer", "OBSERVERS", "QUANT_TYPES"] + _registered
