@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .modules import is_linear_like
+from .modules import is_linear_like, layer_class
 from .modules.quant_weight import QuantWeight
 from .modules.sharing import tied_parameters, untie
 
@@ -119,7 +119,7 @@ def account(q: nn.Module, skipped: dict[str, str], include=None, exclude=None) -
         why = _reason(name, m, skipped, include, exclude)
         cov.float[name] = why
         user_choice = why in ("excluded by exclude", "not selected by include")
-        if (is_linear_like(m) or isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))) and not user_choice:
+        if (is_linear_like(m) or layer_class(m) is not None or isinstance(m, nn.Conv3d)) and not user_choice:
             cov.linear_like_float.append(name)
     for name, why in cov.float.items():
         if name not in cov.linear_like_float:

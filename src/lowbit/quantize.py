@@ -32,8 +32,8 @@ import torch
 from torch import nn
 
 from .accounting import account
-from .modules import (ActQuantizer, QuantEmbedding, QuantLayer, QuantLinear, check_embedding_spec, make_quant_layer,
-                      quant_class_for)
+from .modules import (LAYER_CLASSES, ActQuantizer, QuantEmbedding, QuantLayer, QuantLinear, check_embedding_spec,
+                      make_quant_layer, quant_class_for)
 from .modules.layer import weight_range_method
 from .modules.layer_types import check_finite_weight
 from .modules.linear import KERNELS
@@ -132,7 +132,8 @@ def _float_reason(module: nn.Module) -> str:
         return f"{name} is an nn.Embedding subclass with its own forward; lowbit quantizes plain nn.Embedding tables"
     if is_norm(module) or isinstance(module, nn.modules.batchnorm._NormBase):
         return f"{name} is a normalization layer (not supported: it stays float, as in int8 inference engines)"
-    return f"{name} is not supported (lowbit quantizes Linear, Conv1d, Conv2d, transformers' Conv1D and their subclasses)"
+    kinds = ", ".join(cls.float_name for cls in LAYER_CLASSES)
+    return f"{name} is not supported (lowbit quantizes {kinds} and their subclasses)"
 
 
 @torch.inference_mode(False)   # what it builds stays ordinary tensors when called inside inference_mode

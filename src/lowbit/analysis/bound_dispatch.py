@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..modules import ActQuantizer, QuantLayer, QuantLinear, quant_class_for
+from ..modules import ActQuantizer, QuantLayer, quant_class_for
 from .bound_back import Lin
-from .bound_rules import (Unsupported, V, _float_op, _pool_windows, _zero, act_quant, avgpool, batchnorm, identity,
+from .bound_rules import (Unsupported, V, _pool_windows, _zero, act_quant, avgpool, batchnorm, identity,
                           layer_rule, maxpool, monotone, structural, unit_roundoff)
 
 __all__ = ["module_rule", "function_rule", "method_rule"]
@@ -38,14 +38,14 @@ def module_rule(m: nn.Module, pairs: dict, name: str, dtype: torch.dtype, device
             v, back = act_quant(m, x, u, rounding)
             return (v, back) if back is not None else identity(x)
         return quant
-    cls, _ = quant_class_for(m)   # Linear/Conv (or a subclass computing their function), transformers' Conv1D
+    cls, _ = quant_class_for(m)   # a registered layer type (or a subclass computing its function)
     if cls is not None:
-        kind = "linear" if issubclass(cls, QuantLinear) else "conv"
+        kind = "linear" if cls.channel_dim == -1 else "conv"
         ul = unit_roundoff(dtype, device, kind)
-        if kind == "conv" and m.padding_mode != "zeros":
+        if getattr(m, "padding_mode", "zeros") != "zeros":
             raise Unsupported(f"{type(m).__name__} with padding_mode={m.padding_mode!r}")
         w = cls.float_gemm_weight(m).detach()                          # Conv1D: its [out, in] view
-        op = F.linear if kind == "linear" else _float_op(m)
+        op = cls.float_op(m)                                           # the layer's function of that view
         return lambda x: layer_rule(op, w, w, m.bias, x, None, ul, u)
     if isinstance(m, _IDENTITY_MODULES):
         if isinstance(m, nn.Identity) or not m.training or m.p == 0:

@@ -389,9 +389,3 @@ def layer_rule(op: Callable, w_float: torch.Tensor, w_quant: torch.Tensor, bias:
     v, fin = _finish(a, mid + dwa - rad - slack, mid + dwa + rad + slack)
     lin = Lin(lambda d: op(d, wq, None), [torch.zeros_like(x.a)], const=dwa, slack=slack + fin)
     return v, (Chain(lin, qback) if qback is not None else lin)
-
-
-def _float_op(m: nn.Module) -> Callable:
-    if isinstance(m, nn.Linear):
-        return F.linear
-    return m._conv_forward

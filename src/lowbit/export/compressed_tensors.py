@@ -138,7 +138,10 @@ def export_compressed_tensors(q: nn.Module, path: str | os.PathLike) -> CTExport
             f"{type(m).__name__} (compressed-tensors quantizes nn.Linear)"
         if isinstance(args, str):
             info.fallback[name] = args
-            tensors[f"{name}.weight"] = qt.dequantize().reshape(m._weight_shape).to(m._weight_dtype)
+            w = qt.dequantize().reshape(m._weight_shape)
+            if isinstance(m, QuantLayer):      # the float layer's own layout (a transposed conv: [in, out/g, k...])
+                w = type(m).float_weight_from_gemm(m, w)
+            tensors[f"{name}.weight"] = w.to(m._weight_dtype)
             continue
         shift = 0 if qt.spec.signed else 1 << (qt.spec.bits - 1)   # unsigned grid -> the signed one
         codes = qt.int_repr().to(torch.int32) - shift

@@ -5,12 +5,14 @@ computes the same function with the :mod:`lowbit.export.torch_ops` operators:
 
 * input: ``QuantizeLinear -> DequantizeLinear`` with the calibrated grid (static), or with the grid
   computed from the tensor (dynamic, per tensor or per token); nothing if the layer is weight-only;
-* weight: the integer codes as an initializer -> ``DequantizeLinear``. A Linear stores ``W^T``
-  (``[in, out]``, the ``B`` of ``MatMul``; ONNX Runtime fuses ``DequantizeLinear(int4, axis=0,
-  block_size) -> MatMul`` into ``MatMulNBits``); a convolution stores its kernel ``[out, in, k...]``
-  when the scales are per tensor or per output channel, else its GEMM view ``[out, in*k]`` (groups
-  of ``in*k``) followed by a ``Reshape``;
-* the float ``MatMul`` (+ ``Add`` bias) or ``Conv``.
+* weight: the integer codes as an initializer -> ``DequantizeLinear``, laid out as the layer class
+  says (:meth:`lowbit.modules.QuantLayer.onnx_weight`): a Linear stores ``W^T`` (``[in, out]``, the
+  ``B`` of ``MatMul``; ONNX Runtime fuses ``DequantizeLinear(int4, axis=0, block_size) -> MatMul``
+  into ``MatMulNBits``); a convolution stores its kernel ``[out, in, k...]`` when the scales are per
+  tensor or per output channel, else its GEMM view ``[out, in*k]`` (groups of ``in*k``) followed by
+  a ``Reshape``;
+* the layer's float operation (:meth:`lowbit.modules.QuantLayer.functional`): ``MatMul`` (+ ``Add``
+  bias), ``Conv``, ...
 
 With ``integer=True`` a Linear with int8-able grids is instead one ``lowbit::integer_linear``
 (``QuantizeLinear -> MatMulInteger -> scale``, see :mod:`lowbit.export.torch_ops`): the form ONNX
@@ -39,7 +41,7 @@ from torch import nn
 
 from ..integer.cpu import choose_format, u8_activation_range
 from ..integer.fast import fast_reason
-from ..modules import QuantConv1d, QuantConv2d, QuantEmbedding, QuantLayer, QuantLinear
+from ..modules import QuantEmbedding, QuantLayer
 from ..spec import PerChannel, PerGroup, PerTensor, PerToken, QuantSpec
 from .torch_ops import dequantize, dynamic_quantize_dequantize, quantize_dequantize  # noqa: F401 (registers ops)
 
@@ -74,8 +76,6 @@ def _onnx_param_layout(spec: QuantSpec, ndim: int, what: str) -> tuple[int, int]
 
 def unsupported_reason(layer: QuantLayer) -> str | None:
     """Why ``layer`` cannot be exported (``None`` if it can)."""
-    if not isinstance(layer, (QuantLinear, QuantConv1d, QuantConv2d)):   # QuantConv1D is a QuantLinear
-        return f"{type(layer).__name__} is not one of QuantLinear (QuantConv1D), QuantConv1d, QuantConv2d"
     if not layer.frozen:
         return "not frozen: call lb.freeze(q) before exporting"
     aq = layer.input_quant
@@ -85,7 +85,7 @@ def unsupported_reason(layer: QuantLayer) -> str | None:
             return f"dynamic activations with {type(g).__name__} granularity (only PerTensor and PerToken are exported)"
         if not aq.spec.dynamic and isinstance(g, PerToken):
             return "static PerToken activations"
-        if isinstance(g, PerToken) and not isinstance(layer, QuantLinear):
+        if isinstance(g, PerToken) and layer.channel_dim != -1:
             return "PerToken activations of a convolution (its last axis, the length, varies)"
     if not layer.weight_quant.enabled:
         return "its weight quantizer is disabled"
@@ -139,37 +139,16 @@ class ExportLayer(nn.Module):
         super().__init__()
         aq = layer.input_quant
         use_input = aq is not None and aq.enabled and aq.calibrated
-        features = layer.in_features if isinstance(layer, QuantLinear) else 0
+        features = int(layer._gemm_shape()[1]) if layer.channel_dim == -1 else 0
         self.input_qdq = _InputQDQ(aq.spec, aq.scale, aq.zero_point, features) if use_input else None
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
-        self.kind = "linear" if isinstance(layer, QuantLinear) else "conv"
         self.int4: dict[str, Int4Initializer] = {}
         spec = layer.weight_quant.spec
         qw = layer.qweight
         codes = qw.int_repr()                              # [out, in*k] (GEMM view)
-        scale, zero_point = qw.scale.float(), qw.zero_point
-        shape = layer._weight_shape
-        g = spec.granularity
-        if self.kind == "linear":
-            # W^T = [in, out]: axis 0 <-> 1, per-group parameters transposed too
-            codes = codes.t()
-            if isinstance(g, PerGroup):
-                scale, zero_point = scale.t(), zero_point.t()
-            axis, block = _onnx_param_layout(spec, 2, "weight")
-            axis = 1 - axis if not isinstance(g, PerTensor) else axis
-            self.reshape_to = None
-        else:
-            direct = isinstance(g, PerTensor) or (isinstance(g, PerChannel) and g.axis % 2 == 0)
-            axis, block = _onnx_param_layout(spec, 2, "weight")
-            if direct:
-                codes = codes.reshape(shape)
-                self.reshape_to = None
-            else:
-                self.reshape_to = tuple(shape)
-            self.stride, self.padding, self.dilation, self.groups = layer.stride, layer.padding, layer.dilation, layer.groups
-            self.padding_mode = layer.padding_mode
-            self._reversed_padding = layer._reversed_padding_repeated_twice
-            self.conv = F.conv1d if isinstance(layer, QuantConv1d) else F.conv2d
+        axis, block = _onnx_param_layout(spec, 2, "weight")
+        codes, scale, zero_point, axis, self.to_native = layer.onnx_weight(codes, qw.scale.float(), qw.zero_point, axis)
+        self.fn = layer.functional()                       # the float op, holding no reference to the layer
         self.axis, self.block_size = axis, block
         dtype = _container_dtype(spec.bits, spec.signed)
         codes = codes.contiguous().to(dtype)
@@ -214,15 +193,9 @@ class ExportLayer(nn.Module):
             x = self.input_qdq(x)
         w = torch.ops.lowbit.dequantize(self.weight_codes, self.weight_scale, self.weight_zero_point,
                                         self.axis, self.block_size)
-        if self.kind == "linear":
-            y = torch.matmul(x, w)
-            return y if self.bias is None else y + self.bias
-        if self.reshape_to is not None:
-            w = w.reshape(self.reshape_to)
-        if self.padding_mode != "zeros":
-            x = F.pad(x, self._reversed_padding, mode=self.padding_mode)
-            return self.conv(x, w, self.bias, self.stride, 0, self.dilation, self.groups)
-        return self.conv(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        if self.to_native is not None:
+            w = self.to_native(w)
+        return self.fn(x, w, self.bias)
 
 
 def export_layer(name: str, layer: QuantLayer, integer: bool = False, int8_format: str | None = None,

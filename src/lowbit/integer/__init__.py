@@ -15,7 +15,7 @@ Runtime's U8S8 kernels saturate on x86 without VNNI) and picks the format of eac
 from . import cpu
 from .convert import IntegerInfo, link_output_grids, to_integer
 from .fast import BACKENDS, DequantizedLayer, FastLinear, fast, fast_reason
-from .layer import IntegerConv, IntegerLayer, IntegerLinear, from_quant_layer, unsupported_reason
+from .layer import IntegerConv, IntegerGemm, IntegerLayer, IntegerLinear, from_quant_layer, unsupported_reason
 
-__all__ = ["to_integer", "IntegerInfo", "IntegerLayer", "IntegerLinear", "IntegerConv", "from_quant_layer",
+__all__ = ["to_integer", "IntegerInfo", "IntegerLayer", "IntegerLinear", "IntegerConv", "IntegerGemm", "from_quant_layer",
            "unsupported_reason", "link_output_grids", "fast", "FastLinear", "DequantizedLayer", "fast_reason", "BACKENDS", "cpu"]

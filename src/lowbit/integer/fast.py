@@ -32,7 +32,7 @@ import logging
 import torch
 from torch import nn
 
-from ..modules import QuantConv1d, QuantConv2d, QuantLayer, QuantLinear
+from ..modules import QuantLayer
 from ..modules.tree import set_module
 from ..ops.integer_math import int_matmul
 from ..ops.qparams import range_to_qparams
@@ -49,7 +49,7 @@ BACKENDS = ("auto", "torch", "ort")
 
 def fast_reason(layer: QuantLayer) -> str | None:
     """Why ``layer`` cannot be a :class:`FastLinear` (``None`` if it can)."""
-    if not isinstance(layer, QuantLinear):
+    if layer.integer_kind != "linear":
         return "not a Linear"
     if not layer.frozen:
         return "not frozen"
@@ -74,7 +74,7 @@ def fast_reason(layer: QuantLayer) -> str | None:
 class FastLinear(nn.Module):
     """int8 GEMM of a frozen :class:`QuantLinear` (see the module docstring)."""
 
-    def __init__(self, layer: QuantLinear) -> None:
+    def __init__(self, layer: QuantLayer) -> None:
         super().__init__()
         why = fast_reason(layer)
         if why is not None:
@@ -189,8 +189,7 @@ def fast(q: nn.Module, *, backend: str = "auto", example_inputs=None, threads: i
             set_module(model, name, FastLinear(layer))
             report["int8"].append(name)
         else:
-            if isinstance(layer, (QuantLinear, QuantConv1d, QuantConv2d)):
-                set_module(model, name, DequantizedLayer(layer))
+            set_module(model, name, DequantizedLayer(layer))
             report["float"][name] = why
     model.lowbit_fast = report
     if report["float"]:

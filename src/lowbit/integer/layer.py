@@ -19,7 +19,9 @@ Per-group weights have one ``s_w`` per block of ``size`` inputs, so each block h
 accumulator and the blocks are combined in floating point:
 ``y = s_x * sum_g s_w[o, g] * acc_g[m, o] + b`` (the scheme of W4A8 group kernels).
 Convolutions are computed as a GEMM over im2col patches of the integer codes; padding holds the
-code of real zero (``z_x``).
+code of real zero (``z_x``). Any other layer type that lays its input out as GEMM rows
+(``integer_kind = "gemm"``, :meth:`lowbit.modules.QuantLayer.gemm_unfold`, e.g. a transposed
+convolution) runs as :class:`IntegerGemm`: the same GEMM over the rows its own unfolding gives.
 """
 from __future__ import annotations
 
@@ -30,17 +32,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from ..modules import QuantConv1d, QuantConv2d, QuantLayer, QuantLinear
+from ..modules import QuantLayer
 from ..ops.integer_math import int_matmul, quantize_multiplier, requantize
 from ..spec import PerChannel, PerGroup, PerTensor, PerToken, QuantSpec
 
-__all__ = ["IntegerLayer", "IntegerLinear", "IntegerConv", "unsupported_reason", "from_quant_layer"]
+__all__ = ["IntegerLayer", "IntegerLinear", "IntegerConv", "IntegerGemm", "unsupported_reason", "from_quant_layer"]
 
 _INT32 = (1 << 31) - 1
 
 
 def unsupported_reason(layer: QuantLayer) -> str | None:
     """Why ``layer`` cannot run on the integer path (``None`` if it can)."""
+    if layer.integer_kind not in _KINDS:
+        return f"{type(layer).__name__}: {layer.integer_missing} (it runs float, on its dequantized weight)"
     if not layer.frozen:
         return "not frozen (call lb.freeze first)"
     aq = layer.input_quant
@@ -50,7 +54,7 @@ def unsupported_reason(layer: QuantLayer) -> str | None:
         return "its input quantizer is disabled or uncalibrated"
     g = aq.spec.granularity
     if isinstance(g, PerToken):
-        if not isinstance(layer, QuantLinear):
+        if layer.channel_dim != -1:
             return "per-token input scales mix inside a convolution"
     elif not isinstance(g, PerTensor):
         return f"input granularity {type(g).__name__} puts several scales into one accumulator"
@@ -246,7 +250,7 @@ class IntegerLayer(nn.Module):
 
 
 class IntegerLinear(IntegerLayer):
-    """Integer :class:`lowbit.modules.QuantLinear`: ``x [..., K] -> y [..., O]``."""
+    """Integer Linear (``integer_kind == "linear"``: :class:`lowbit.modules.QuantLinear`): ``x [..., K] -> y [..., O]``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         codes, sx, zp = self.quantize_input(x)
@@ -257,11 +261,12 @@ class IntegerLinear(IntegerLayer):
 
 
 class IntegerConv(IntegerLayer):
-    """Integer :class:`lowbit.modules.QuantConv1d` / ``QuantConv2d`` (GEMM over im2col patches of codes)."""
+    """Integer convolution (``integer_kind == "conv"``: :class:`lowbit.modules.QuantConv1d` / ``QuantConv2d``),
+    a GEMM over im2col patches of codes."""
 
-    def __init__(self, layer: QuantConv1d | QuantConv2d, rounding: str = "half_even") -> None:
+    def __init__(self, layer: QuantLayer, rounding: str = "half_even") -> None:
         super().__init__(layer, rounding)
-        self.spatial = 1 if isinstance(layer, QuantConv1d) else 2
+        self.spatial = len(tuple(layer.kernel_size))
         self.kernel_size, self.stride, self.dilation = layer.kernel_size, layer.stride, layer.dilation
         self.padding_mode = layer.padding_mode
         pads = layer._reversed_padding_repeated_twice
@@ -299,10 +304,45 @@ class IntegerConv(IntegerLayer):
         return y.squeeze(0) if unbatched else y
 
 
+class IntegerGemm(IntegerLayer):
+    """Integer form of a layer with ``integer_kind == "gemm"``: its own unfolding of the input into GEMM
+    rows (:meth:`lowbit.modules.QuantLayer.gemm_unfold`), applied to the codes, then the integer GEMM.
+
+    The unfolding runs on ``a - z'`` (the operand minus the code of real zero) held as float32, which is
+    exact for codes of up to 16 bits because it only copies values and pads with zeros; adding ``z'``
+    back gives the operand's rows with padding at the code of real zero, as :class:`IntegerConv` pads.
+    """
+
+    def __init__(self, layer: QuantLayer, rounding: str = "half_even") -> None:
+        super().__init__(layer, rounding)
+        self.unfold = layer.gemm_unfold()
+        self.float_op = type(layer).float_op(layer)         # for the output's shape only (run on "meta")
+        self.weight_shape = tuple(layer._weight_shape)
+        self.channel_dims = len(self.weight_shape)         # inputs [n, C, spatial...] have this many dims
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        unbatched = x.dim() == self.channel_dims - 1
+        if unbatched:
+            x = x.unsqueeze(0)
+        shape = self.float_op(torch.empty(x.shape, device="meta"), torch.empty(self.weight_shape, device="meta"),
+                              None).shape
+        codes, sx, zp = self.quantize_input(x)
+        a, zero = self._operand(codes, zp)
+        rows = self.unfold(a.to(torch.float32) - zero.to(torch.float32))       # [G, M, Kg], exact
+        rows = (rows.permute(1, 0, 2).reshape(rows.shape[1], -1) + zero.to(torch.float32)).to(a.dtype)
+        y = self.output(self.accumulate(rows, zero), sx, x.dtype)            # [M, O]
+        y = y.reshape(shape[0], *shape[2:], self.out_features).movedim(-1, 1)
+        return y.squeeze(0) if unbatched else y
+
+
 def from_quant_layer(layer: QuantLayer, rounding: str = "half_even") -> IntegerLayer:
-    """The integer counterpart of a frozen quantized layer (raises ``ValueError`` with the reason if none)."""
-    if isinstance(layer, QuantLinear):
-        return IntegerLinear(layer, rounding)
-    if isinstance(layer, (QuantConv1d, QuantConv2d)):
-        return IntegerConv(layer, rounding)
-    raise TypeError(f"no integer counterpart for {type(layer).__name__}")
+    """The integer counterpart of a frozen quantized layer, by its :attr:`~lowbit.modules.QuantLayer.integer_kind`
+    (raises ``ValueError`` with the reason if none)."""
+    kind = _KINDS.get(layer.integer_kind)
+    if kind is None:
+        raise TypeError(f"no integer counterpart for {type(layer).__name__}: {layer.integer_missing}")
+    return kind(layer, rounding)
+
+
+# QuantLayer.integer_kind -> the integer layer that runs it
+_KINDS: dict[str | None, type[IntegerLayer]] = {"linear": IntegerLinear, "conv": IntegerConv, "gemm": IntegerGemm}

@@ -43,9 +43,19 @@ def _conv_patches(layer: "_QuantConvNd", x: torch.Tensor, nd: int) -> torch.Tens
     return cols.reshape(n, g, ck // g, length).permute(1, 0, 3, 2).reshape(g, n * length, ck // g)
 
 
+def _conv_function(conv, stride, padding, dilation, groups, padding_mode, pads):
+    """``f(x, w, b)``: ``conv`` (``F.conv1d``/``F.conv2d``) with the layer's geometry (padding modes too)."""
+    def f(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if padding_mode != "zeros":
+            return conv(F.pad(x, pads, mode=padding_mode), weight, bias, stride, 0, dilation, groups)
+        return conv(x, weight, bias, stride, padding, dilation, groups)
+    return f
+
+
 class _QuantConvNd(QuantLayer):
     _conv = staticmethod(F.conv2d)
     _spatial = 2
+    integer_kind = "conv"
 
     def __init__(self, module: nn.Module, weight_quant, input_quant) -> None:
         super().__init__(module.weight, module.bias, weight_quant, input_quant)
@@ -59,6 +69,12 @@ class _QuantConvNd(QuantLayer):
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             return self._conv(x, weight, bias, self.stride, 0, self.dilation, self.groups)
         return self._conv(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+    @classmethod
+    def float_op(cls, module: nn.Module):
+        """The convolution of ``module`` (a float ``nn.Conv1d``/``Conv2d`` or this layer): weight ``[out, in/groups, k...]``."""
+        return _conv_function(cls._conv, module.stride, module.padding, module.dilation, module.groups,
+                              module.padding_mode, getattr(module, "_reversed_padding_repeated_twice", None))
 
     def gemm_inputs(self, x: torch.Tensor) -> torch.Tensor:
         """The vectors the GEMM weight ``[out, in/groups * k...]`` multiplies (im2col), ``[groups, n, d]``."""

@@ -38,6 +38,7 @@ class QuantConv1D(QuantLinear):
     """
 
     float_type = nn.Module   # the instance records the float class (transformers is optional)
+    float_name = "transformers' Conv1D"
 
     @classmethod
     def accepts(cls, module: nn.Module) -> bool:
@@ -50,6 +51,10 @@ class QuantConv1D(QuantLinear):
     @classmethod
     def float_gemm_weight(cls, module: nn.Module):
         return module.weight.t()
+
+    @classmethod
+    def float_weight_from_gemm(cls, module: nn.Module, w):
+        return w.t()
 
     @classmethod
     def from_float(cls, module: nn.Module, weights: QuantSpec, activations: QuantSpec | None,

@@ -6,17 +6,39 @@ A quantized layer keeps the float weight as the master copy and computes::
 
 with ``op`` the layer's float operation (``F.linear``, ``F.conv2d``, ...), so calibration, PTQ and
 QAT all run the same module. Freezing and the frozen weight: :class:`~lowbit.modules.quant_weight.QuantWeight`.
+
+**The layer protocol.** Everything the rest of lowbit needs to know about a layer type lives on its
+class, so a new layer type is one module (see ``docs/layers.md``):
+
+* which float layers it replaces: :meth:`QuantLayer.accepts`, :meth:`QuantLayer.base_type`;
+  every concrete subclass registers itself on definition (:data:`LAYER_REGISTRY`);
+* its GEMM view: the weight as ``[out, in...]`` (:meth:`QuantLayer.float_gemm_weight` and its
+  inverse :meth:`QuantLayer.float_weight_from_gemm`; the master weight of the quantized layer is
+  held in this view) and the vectors that view multiplies (:meth:`QuantLayer.gemm_inputs`: GPTQ's
+  Hessian, AWQ's statistics);
+* where its channels are in activations (:attr:`QuantLayer.channel_dim`: ``-1`` for a layer on
+  the last dimension, ``1`` for a convolution): bias correction, BN folding, equalization, PerToken;
+* its float function with a GEMM-view weight (:meth:`QuantLayer.float_op`, :meth:`QuantLayer.op`,
+  :meth:`QuantLayer.functional`): bound analysis, export, the dequantized fast path;
+* a probe input (:meth:`QuantLayer.probe_input`): the checks of BN folding and of subclasses;
+* its ONNX initializer layout (:meth:`QuantLayer.onnx_weight`);
+* its integer form (:attr:`QuantLayer.integer_kind`: ``"linear"``, ``"conv"``, ``"gemm"`` (any layer
+  that can unfold its input into GEMM rows, :meth:`QuantLayer.gemm_unfold`) or ``None`` with
+  :attr:`QuantLayer.integer_missing` saying why it runs float).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from ..spec import QuantSpec
+from ..spec import PerChannel, PerTensor, QuantSpec
 from .quant_weight import QuantWeight
 from .quantizer import ActQuantizer, WeightQuantizer
 
-__all__ = ["QuantLayer"]
+__all__ = ["QuantLayer", "LAYER_REGISTRY"]
+
+# every concrete QuantLayer subclass, in definition order (filled by QuantLayer.__init_subclass__)
+LAYER_REGISTRY: list[type["QuantLayer"]] = []
 
 
 # range methods that mean the same on a weight as on an activation (no clipping of a weight's outliers)
@@ -49,6 +71,17 @@ class QuantLayer(QuantWeight):
     """
 
     float_type: type[nn.Module] = nn.Module   # the float layer it replaces (per instance: a subclass of it)
+    float_name: str = ""          # how messages name that float layer (default: float_type's name)
+    channel_dim: int = 1          # axis of the channels in the layer's inputs and outputs (-1: last, Linear-like)
+    folds_bn: bool = True         # a BatchNorm on its output folds into its GEMM rows (lowbit.transforms.fold_bn)
+    integer_kind: str | None = None   # "linear" / "conv" / "gemm": the lowbit.integer layer that runs it; None: float
+    integer_missing: str = "no integer kernel for this layer type"   # why, when integer_kind is None
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "float_type" in cls.__dict__ or "accepts" in cls.__dict__:   # a concrete layer type: register it
+            cls.float_name = cls.__dict__.get("float_name") or cls.float_type.__name__
+            LAYER_REGISTRY.append(cls)
 
     # -- what the float layer is (see lowbit.modules.layer_types) --------------------------------
     @classmethod
@@ -63,8 +96,36 @@ class QuantLayer(QuantWeight):
 
     @classmethod
     def float_gemm_weight(cls, module: nn.Module) -> torch.Tensor:
-        """A view ``[out, in...]`` of the float layer's weight (in-place edits reach the layer)."""
+        """The float layer's weight as ``[out, in...]`` (its GEMM rows first). A view where the layout
+        allows it (Linear, Conv: the weight itself); write changes back with :meth:`float_weight_from_gemm`."""
         return module.weight
+
+    @classmethod
+    def float_weight_from_gemm(cls, module: nn.Module, w: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`float_gemm_weight`: ``w`` (``[out, in...]``) in ``module.weight``'s layout."""
+        return w
+
+    @classmethod
+    def float_op(cls, module: nn.Module):
+        """``f(x, w, b)``: the float layer's function with its weight given in the GEMM view."""
+        raise NotImplementedError(f"{cls.__name__} does not say what its float layer computes")
+
+    @classmethod
+    def float_in_channels(cls, module: nn.Module) -> int:
+        """How many input channels (features) the float layer reads."""
+        return int(cls.float_gemm_weight(module).shape[1]) * int(getattr(module, "groups", 1))
+
+    @classmethod
+    def probe_input(cls, module: nn.Module, n: int = 2) -> torch.Tensor:
+        """A random input (seed 0) of ``n`` samples for checks: ``[n, in]``, or ``[n, C, k*d + 3, ...]``."""
+        w = cls.float_gemm_weight(module)
+        gen = torch.Generator().manual_seed(0)
+        if cls.channel_dim == -1:
+            shape = (n, w.shape[1])
+        else:
+            shape = (n, cls.float_in_channels(module)) + tuple(
+                k * d + 3 for k, d in zip(tuple(module.kernel_size), tuple(module.dilation)))
+        return torch.randn(shape, generator=gen).to(device=w.device, dtype=w.dtype)
 
     def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, weight_quant: WeightQuantizer,
                  input_quant: ActQuantizer | None) -> None:
@@ -76,9 +137,33 @@ class QuantLayer(QuantWeight):
     def op(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
 
+    def functional(self):
+        """``f(x, w, b)``, the layer's operation holding no reference to the layer (for traced stand-ins:
+        :mod:`lowbit.export.layers`), with ``w`` laid out as :meth:`onnx_weight` hands it on (default:
+        the GEMM view ``[out, in/groups, k...]``, the kernel of a convolution)."""
+        return type(self).float_op(self)
+
     def gemm_inputs(self, x: torch.Tensor) -> torch.Tensor:
         """The vectors the GEMM weight multiplies, ``[groups, n, d]`` (GPTQ's Hessian, AWQ)."""
         raise NotImplementedError
+
+    def gemm_unfold(self):
+        """``f(x) -> [groups, n, d]``: :meth:`gemm_inputs` as a function holding no reference to the layer,
+        padding with zeros and only copying values (so it is exact on integer codes held as float32).
+        Needed by ``integer_kind = "gemm"`` (:class:`lowbit.integer.layer.IntegerGemm`)."""
+        raise NotImplementedError
+
+    def onnx_weight(self, codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int):
+        """The weight initializer of the ONNX graph, from the GEMM-view codes ``[out, K]`` (and their
+        parameters, ``axis`` the QuantizeLinear axis on that view): ``(codes, scale, zero_point, axis,
+        to_native)``, ``to_native`` None or a function of the dequantized initializer giving the
+        weight :meth:`functional` takes. Default: the kernel ``[out, in/groups, k...]`` where the
+        scales allow it (per tensor / per output channel), else the GEMM view and a reshape."""
+        g = self.weight_quant.spec.granularity
+        shape = tuple(self._weight_shape)
+        if isinstance(g, PerTensor) or (isinstance(g, PerChannel) and g.axis % 2 == 0):
+            return codes.reshape(shape), scale, zero_point, axis, None
+        return codes, scale, zero_point, axis, lambda w: w.reshape(shape)
 
     # -- weights -------------------------------------------------------------------------------
     def _gemm_shape(self) -> tuple[int, int]:

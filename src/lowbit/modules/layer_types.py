@@ -2,8 +2,10 @@
 
 Each quantized layer class says which float layers it takes (:meth:`QuantLayer.accepts`), which
 library class their forward comes from (:meth:`QuantLayer.base_type`) and how to see their weight
-as a GEMM ``[out, in...]`` (:meth:`QuantLayer.float_gemm_weight`); this module only asks them in
-order (:data:`LAYER_CLASSES`). A new layer type is one class in :mod:`lowbit.modules`.
+as a GEMM ``[out, in...]`` (:meth:`QuantLayer.float_gemm_weight`); this module only asks the
+registered classes (:data:`~lowbit.modules.layer.LAYER_REGISTRY`, filled as each class is defined;
+``lowbit.modules`` imports every module of its package). Where several accept a module, the one
+whose base class is the most derived wins. A new layer type is one module in :mod:`lowbit.modules`.
 
 Subclasses of ``nn.Linear``/``nn.Conv1d``/``nn.Conv2d`` (and of transformers' ``Conv1D``) are the
 layer they derive from when they keep its forward. A subclass that overrides ``forward`` is
@@ -16,40 +18,33 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .conv import QuantConv1d, QuantConv2d
-from .hf_conv1d import QuantConv1D, hf_conv1d_base
-from .layer import QuantLayer
+from .hf_conv1d import hf_conv1d_base
+from .layer import LAYER_REGISTRY, QuantLayer
 from .linear import QuantLinear
 
-__all__ = ["LAYER_CLASSES", "quant_class_for", "make_quant_layer", "check_finite_weight", "is_linear_like", "float_gemm_weight",
-           "linear_features"]
+__all__ = ["LAYER_CLASSES", "layer_class", "quant_class_for", "make_quant_layer", "check_finite_weight", "is_linear_like",
+           "float_gemm_weight", "linear_features"]
 
-# most specific first: transformers' Conv1D before anything matched by isinstance
-LAYER_CLASSES: tuple[type[QuantLayer], ...] = (QuantConv1D, QuantLinear, QuantConv1d, QuantConv2d)
+LAYER_CLASSES = LAYER_REGISTRY   # the registered quantized layer classes (a live list)
 
 
-def _kind(module: nn.Module) -> type[QuantLayer] | None:
-    for cls in LAYER_CLASSES:
-        if cls.accepts(module):
-            return cls
-    return None
+def layer_class(module: nn.Module) -> type[QuantLayer] | None:
+    """The quantized class whose float layer ``module`` is (by type alone: no check of its forward), or None."""
+    found = [cls for cls in LAYER_REGISTRY if cls.accepts(module)]
+    if not found:
+        return None
+    return max(found, key=lambda cls: len(cls.base_type(module).__mro__))   # most derived base first
+
+
+_kind = layer_class
 
 
 def _probe_input(module: nn.Module, cls: type[QuantLayer]) -> torch.Tensor:
-    w = cls.float_gemm_weight(module)
-    gen = torch.Generator().manual_seed(0)
-    if issubclass(cls, QuantLinear):
-        shape = (3, w.shape[1])
-    else:
-        ks = tuple(module.kernel_size)
-        dil = tuple(module.dilation)
-        size = tuple(k * d + 3 for k, d in zip(ks, dil))
-        shape = (2, module.in_channels) + size
-    return torch.randn(shape, generator=gen).to(device=w.device, dtype=w.dtype)
+    return cls.probe_input(module, 3 if cls.channel_dim == -1 else 2)
 
 
 def _reference(module: nn.Module, cls: type[QuantLayer], x: torch.Tensor) -> torch.Tensor:
-    if issubclass(cls, QuantLinear):
+    if cls.channel_dim == -1:
         return torch.nn.functional.linear(x, cls.float_gemm_weight(module), module.bias)
     return cls.base_type(module).forward(module, x)
 

@@ -44,6 +44,8 @@ class QuantLinear(QuantLayer):
     """
 
     float_type = nn.Linear
+    channel_dim = -1
+    integer_kind = "linear"
     kernel_max_rows = 8    # decoding (and a few beams); more rows are compute-bound: dequantize + float GEMM
     dequantize_tile = 1 << 20   # frozen layers larger than this dequantize tile by tile (float elements)
 
@@ -56,6 +58,25 @@ class QuantLinear(QuantLayer):
 
     def op(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return F.linear(x, weight, bias)
+
+    @classmethod
+    def float_op(cls, module: nn.Module):
+        return F.linear
+
+    def onnx_weight(self, codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int):
+        """``W^T`` (``[in, out]``, the ``B`` of ``MatMul``: ONNX Runtime fuses ``DequantizeLinear(int4,
+        axis=0, block_size) -> MatMul`` into ``MatMulNBits``); per-group parameters transposed too.
+        The graph computes ``x @ W^T + b`` (:meth:`functional`)."""
+        g = self.weight_quant.spec.granularity
+        if isinstance(g, PerGroup):
+            scale, zero_point = scale.t(), zero_point.t()
+        return codes.t(), scale, zero_point, (axis if isinstance(g, PerTensor) else 1 - axis), None
+
+    def functional(self):
+        def matmul(x: torch.Tensor, w_t: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+            y = torch.matmul(x, w_t)
+            return y if b is None else y + b
+        return matmul
 
     # -- integer kernels of the frozen layer ----------------------------------------------------
     def set_kernel(self, kernel: str) -> None:

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from .. import batches as _batches
-from ..modules import QuantLayer, QuantLinear, Quantizer
+from ..modules import QuantLayer, Quantizer
 from .verify import check_preserved
 
 __all__ = ["bias_correction", "output_bias", "MODES"]
@@ -99,7 +99,7 @@ class _Stop(Exception):
 
 
 def _channel_sums(y: torch.Tensor, layer: QuantLayer) -> tuple[torch.Tensor, int]:
-    dim = y.dim() - 1 if isinstance(layer, QuantLinear) else 1
+    dim = layer.channel_dim % y.dim()
     rows = y.detach().to(torch.float64).movedim(dim, 0).reshape(y.shape[dim], -1)
     return rows.sum(1), rows.shape[1]
 

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..modules import QuantLayer
+from ..modules import QuantLayer, layer_class
 from .bound import BoundedReLU
 from .. import batches as _batches
 from .fold_bn import fold_batchnorm, module_calls
@@ -43,7 +43,6 @@ __all__ = ["equalize", "find_equalization_pairs", "EqualizationPair"]
 
 log = logging.getLogger(__name__)
 
-_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
 _ELEMENTWISE = (nn.ReLU, nn.LeakyReLU, nn.Identity, nn.Dropout, nn.ReLU6, BoundedReLU)
 _POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
           nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)
@@ -62,7 +61,23 @@ class EqualizationPair:
 
 
 def _is_layer(m: object) -> bool:
-    return type(m) in _LAYERS
+    """A layer of a registered type that is exactly its library class (a subclass may compute anything)."""
+    cls = layer_class(m) if isinstance(m, nn.Module) else None
+    return cls is not None and type(m) is cls.base_type(m)
+
+
+def _gemm(m: nn.Module) -> torch.Tensor:
+    """``m``'s weight as ``[out, in...]`` (see :meth:`lowbit.modules.QuantLayer.float_gemm_weight`)."""
+    return layer_class(m).float_gemm_weight(m)
+
+
+def _set_gemm(m: nn.Module, w: torch.Tensor) -> None:
+    """Write the GEMM view ``w`` back into ``m.weight`` (in place, its dtype)."""
+    m.weight.data.copy_(layer_class(m).float_weight_from_gemm(m, w).to(m.weight.dtype))
+
+
+def _linear_like(m: nn.Module) -> bool:
+    return layer_class(m).channel_dim == -1
 
 
 class _Tracer(torch.fx.Tracer):
@@ -97,12 +112,13 @@ def _link(node, modules: dict, conv: bool) -> tuple[str, object] | None:
 
 
 def _valid(first: nn.Module, second: nn.Module, flatten: bool) -> bool:
-    c = first.weight.shape[0]
-    if isinstance(first, nn.Linear):
-        return not flatten and isinstance(second, nn.Linear) and second.in_features == c
-    if isinstance(second, nn.Linear):
-        return flatten and second.in_features % c == 0
-    return not flatten and second.in_channels == c
+    c = _gemm(first).shape[0]
+    inputs = layer_class(second).float_in_channels(second)
+    if _linear_like(first):
+        return not flatten and _linear_like(second) and inputs == c
+    if _linear_like(second):
+        return flatten and inputs % c == 0
+    return not flatten and inputs == c
 
 
 def _pairs_by_tracing(model: nn.Module) -> list[EqualizationPair]:
@@ -114,7 +130,7 @@ def _pairs_by_tracing(model: nn.Module) -> list[EqualizationPair]:
         if node.op != "call_module" or not _is_layer(modules[node.target]) or calls[node.target] != 1:
             continue
         second = modules[node.target]
-        conv = not isinstance(second, nn.Linear)
+        conv = not _linear_like(second)
         cur, between, flatten = node.args[0] if node.args else None, [], False
         while isinstance(cur, torch.fx.Node) and len(cur.users) == 1:
             if cur.op == "call_module" and _is_layer(modules[cur.target]):
@@ -147,7 +163,7 @@ def _pairs_in_sequentials(model: nn.Module) -> list[EqualizationPair]:
         for i, (a, first) in enumerate(children):
             if not _is_layer(first) or uses[id(first)] != 1:
                 continue
-            between, flatten, conv = [], False, not isinstance(first, nn.Linear)
+            between, flatten, conv = [], False, not _linear_like(first)
             for b, m in children[i + 1:]:
                 if _is_layer(m):
                     if uses[id(m)] == 1 and _valid(first, m, flatten):
@@ -182,42 +198,35 @@ def find_equalization_pairs(model: nn.Module) -> list[EqualizationPair]:
 
 
 def _second_view(second: nn.Module, channels: int) -> torch.Tensor:
-    """``|W2|`` as ``[groups, out/groups, in/groups, rest]`` (a flattened linear: groups 1, rest = features per channel)."""
-    w = second.weight.detach().double().abs()
-    out = w.shape[0]
-    if isinstance(second, nn.Linear):
-        return w.reshape(1, out, channels, -1)
-    g = second.groups
-    return w.reshape(g, out // g, w.shape[1], -1)
+    """``|W2|`` (GEMM view) as ``[groups, out/groups, in/groups, rest]`` (a flattened linear: groups 1, rest =
+    features per channel)."""
+    w = _gemm(second).detach().double().abs()
+    g = getattr(second, "groups", 1)
+    return w.reshape(g, w.shape[0] // g, channels // g, -1)
 
 
 def _scale_second(second: nn.Module, s: torch.Tensor) -> None:
-    w = second.weight
-    out = w.shape[0]
-    channels = s.numel()
-    if isinstance(second, nn.Linear):
-        factor = s.reshape(1, channels, 1).expand(out, channels, w.shape[1] // channels).reshape(out, -1)
-    else:
-        g = second.groups
-        factor = s.reshape(g, 1, channels // g).expand(g, out // g, channels // g).reshape(out, channels // g)
-        factor = factor.reshape(factor.shape + (1,) * (w.dim() - 2))
-    w.data.copy_((w.data.double() * factor).to(w.dtype))
+    w = _gemm(second).detach().double()
+    out, channels, g = w.shape[0], s.numel(), getattr(second, "groups", 1)
+    rest = w[0].numel() * g // channels
+    factor = s.reshape(g, 1, channels // g, 1).expand(g, out // g, channels // g, rest).reshape(w.shape)
+    _set_gemm(second, w * factor)
 
 
 def _limit_shape(first: nn.Module, channels: int) -> tuple[int, ...]:
-    return (channels,) if isinstance(first, nn.Linear) else (channels,) + (1,) * (first.weight.dim() - 2)
+    return (channels,) if _linear_like(first) else (channels,) + (1,) * (_gemm(first).dim() - 2)
 
 
 @torch.no_grad()
 def _equalize_pair(model: nn.Module, pair: EqualizationPair) -> float:
     """Apply one round of equalization to ``pair``; returns ``max |log s|`` (0 at the fixed point)."""
     first, second = model.get_submodule(pair.first), model.get_submodule(pair.second)
-    channels = first.weight.shape[0]
-    r1 = first.weight.detach().double().abs().reshape(channels, -1).amax(1)
+    w1 = _gemm(first).detach().double()                  # output channels are the rows of the GEMM view
+    channels = w1.shape[0]
+    r1 = w1.abs().reshape(channels, -1).amax(1)
     r2 = _second_view(second, channels).amax(dim=(1, 3)).reshape(-1)
     s = torch.where((r1 > 0) & (r2 > 0), torch.sqrt(r1 * r2) / r2, torch.ones_like(r1))
-    w1 = first.weight
-    w1.data.copy_((w1.data.double() / s.reshape((-1,) + (1,) * (w1.dim() - 1))).to(w1.dtype))
+    _set_gemm(first, w1 / s.reshape((-1,) + (1,) * (w1.dim() - 1)))
     if first.bias is not None:
         first.bias.data.copy_((first.bias.data.double() / s).to(first.bias.dtype))
     _scale_second(second, s)

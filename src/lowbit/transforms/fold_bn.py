@@ -3,7 +3,7 @@
 In eval mode BatchNorm is the affine map ``y = gamma * (x - mu) / sqrt(var + eps) + beta``; applied
 after ``x = W * u + b`` it folds into the layer::
 
-    W' = W * gamma / sigma        (per output channel)
+    W' = W * gamma / sigma        (per output channel: per row of the layer's GEMM view)
     b' = (b - mu) * gamma / sigma + beta,      sigma = sqrt(var + eps)
 
 so the quantized model has one weight tensor per layer and no float BatchNorm (Jacob et al. 2018,
@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..modules import layer_class
 from ..modules.tree import set_module
 from .verify import tolerance
 
@@ -30,16 +31,17 @@ __all__ = ["fold_batchnorm", "find_conv_bn_pairs"]
 
 log = logging.getLogger(__name__)
 
-_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Linear)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 
 def _foldable(layer: nn.Module, bn: nn.Module) -> bool:
-    if not isinstance(layer, _LAYERS) or not isinstance(bn, _NORMS):
+    """A layer type that folds BN (:attr:`lowbit.modules.QuantLayer.folds_bn`, the layer's class decides)."""
+    cls = layer_class(layer)
+    if cls is None or not cls.folds_bn or not isinstance(bn, _NORMS):
         return False
     if bn.running_mean is None or bn.running_var is None:
         return False
-    return bn.num_features == layer.weight.shape[0]
+    return bn.num_features == cls.float_gemm_weight(layer).shape[0]
 
 
 def module_calls(graph: torch.fx.Graph) -> collections.Counter:
@@ -104,7 +106,8 @@ def fold_batchnorm(model: nn.Module) -> list[tuple[str, str]]:
                     "call model.eval() first, or pass fold_bn=False to keep BatchNorm", len(pairs))
     for layer_name, bn_name in pairs:
         layer, bn = model.get_submodule(layer_name), model.get_submodule(bn_name)
-        probe = _probe(layer)
+        cls = layer_class(layer)
+        probe = cls.probe_input(layer, 2)
         expected = F.batch_norm(layer(probe).double(), bn.running_mean.double(), bn.running_var.double(),
                                 None if bn.weight is None else bn.weight.double(),
                                 None if bn.bias is None else bn.bias.double(), False, 0.0, bn.eps)
@@ -112,9 +115,9 @@ def fold_batchnorm(model: nn.Module) -> list[tuple[str, str]]:
         gamma = bn.weight.double() if bn.weight is not None else torch.ones_like(inv_sigma)
         beta = bn.bias.double() if bn.bias is not None else torch.zeros_like(inv_sigma)
         factor = gamma * inv_sigma
-        w = layer.weight
-        shape = [-1] + [1] * (w.dim() - 1)
-        new_w = (w.double() * factor.reshape(shape)).to(w.dtype)
+        w, gemm = layer.weight, cls.float_gemm_weight(layer)       # GEMM view: output channels are its rows
+        shape = [-1] + [1] * (gemm.dim() - 1)
+        new_w = cls.float_weight_from_gemm(layer, gemm.double() * factor.reshape(shape)).to(w.dtype).contiguous()
         b = layer.bias.double() if layer.bias is not None else torch.zeros_like(inv_sigma)
         new_b = ((b - bn.running_mean.double()) * factor + beta).to(w.dtype)
         layer.weight = nn.Parameter(new_w, requires_grad=w.requires_grad)
@@ -128,13 +131,3 @@ def fold_batchnorm(model: nn.Module) -> list[tuple[str, str]]:
         set_module(model, bn_name, nn.Identity())
     return pairs
 
-
-def _probe(layer: nn.Module) -> torch.Tensor:
-    """A random input of ``layer`` (Linear: [2, in]; Conv: [2, C, k*d + 3, ...])."""
-    w = layer.weight
-    g = torch.Generator().manual_seed(0)
-    if isinstance(layer, nn.Linear):
-        shape = (2, layer.in_features)
-    else:
-        shape = (2, layer.in_channels) + tuple(k * d + 3 for k, d in zip(layer.kernel_size, layer.dilation))
-    return torch.randn(shape, generator=g).to(device=w.device, dtype=w.dtype)
