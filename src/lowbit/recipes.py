@@ -24,6 +24,7 @@ from typing import Iterable
 from torch import nn
 
 from .spec import PerChannel, PerGroup, PerToken, QuantSpec
+from .analysis.mixed_specs import mixed_precision
 from .gptq import gptq
 from .transforms import quantize_with, register_transform
 
@@ -152,6 +153,14 @@ def _gptq(q: nn.Module, batches, **options) -> nn.Module:
 
 
 register_transform("gptq", "quantized", _gptq)   # GPTQ (Frantar et al. 2022) as a recipe step, before freeze
+
+
+def _mixed(q: nn.Module, batches, **options) -> nn.Module:
+    mixed_precision(q, batches, **options)   # in place; the allocation is q.lowbit_mixed
+    return q
+
+
+register_transform("mixed_precision", "quantized", _mixed)   # a weight spec per layer under a bits budget
 
 _A8_TOKEN = QuantSpec(bits=8, symmetric=False, dynamic=True, granularity=PerToken())
 _W4G128_ASYM = QuantSpec(bits=4, symmetric=False, granularity=PerGroup(128))
