@@ -46,7 +46,7 @@ from .mixed import _pareto, _thin
 from .probe import Probe
 from .sensitivity import choose_metric
 
-__all__ = ["storage_bits", "bits_per_weight", "SpecAllocation", "spec_sensitivity", "allocate_specs",
+__all__ = ["storage_bits", "bits_per_weight", "model_bits_per_weight", "SpecAllocation", "spec_sensitivity", "allocate_specs",
            "mixed_precision"]
 
 log = logging.getLogger(__name__)
@@ -63,13 +63,35 @@ def _scale_count(spec: QuantSpec, shape: Sequence[int]) -> int:
     raise TypeError(f"unknown granularity {type(g).__name__}")
 
 
+# formats whose scales are free floats (stored at ``scale_bits``); the others encode their own
+# scales (MX: E8M0 per 32; NVFP4: E4M3 per 16 and a float32 per tensor; NF4 with double quantization)
+_FREE_SCALES = ("int", "fp8_e4m3", "fp8_e5m2", "nf4")
+
+
 def storage_bits(spec: QuantSpec, shape: Sequence[int], scale_bits: int = SCALE_BITS) -> int:
     """Bits to store a weight of ``shape`` (its GEMM view) with ``spec``: codes + scales + zero points."""
     if not isinstance(spec, QuantSpec):
         raise TypeError(f"spec must be a lowbit.QuantSpec, got {type(spec).__name__}")
     n = math.prod(shape)
+    fmt = getattr(spec, "format", "int")
+    if fmt not in _FREE_SCALES:
+        return round(spec.number_format.bits_per_weight(spec, n) * n)
     zero_bits = 0 if spec.symmetric else 8
     return n * spec.bits + _scale_count(spec, shape) * (scale_bits + zero_bits)
+
+
+def model_bits_per_weight(q: nn.Module, scale_bits: int = SCALE_BITS) -> float:
+    """Stored bits per weight over the quantized layers of ``q`` (:func:`storage_bits` of each, summed)."""
+    layers = [layer for _, layer in quant_layers(q) if isinstance(layer, QuantLayer)]
+    if not layers:
+        raise ValueError("q has no quantized layer; pass a model from lb.quantize")
+    total = n = 0
+    for layer in layers:
+        shape = tuple(layer._weight_shape)
+        gemm = (shape[0], math.prod(shape[1:]))
+        total += storage_bits(layer.weight_quant.spec, gemm, scale_bits)
+        n += math.prod(gemm)
+    return total / n
 
 
 def bits_per_weight(spec: QuantSpec, shape: Sequence[int], scale_bits: int = SCALE_BITS) -> float:
