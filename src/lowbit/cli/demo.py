@@ -25,20 +25,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="calibration batches of 64 training samples (default 8)")
     p.add_argument("--threads", type=positive_int, default=1, metavar="N",
                    help="torch threads (default 1: the built-in models are too small to gain from more)")
-    p.add_argument("--formats", action="store_true",
+    p.add_argument("--formats", nargs="?", const="all", default=None, metavar="A,B,...",
                    help="instead of the recipes: the number-format table (int8, FP8, int4, NF4, MX, NVFP4 weights, "
-                   "round to nearest and GPTQ) at their stored bits per weight")
+                   "round to nearest and GPTQ) at their stored bits per weight; optionally only the named rows "
+                   "(e.g. 'int8,nf4')")
 
 
 def run(args: argparse.Namespace) -> dict:
     from ..demo import DEMO_RECIPES, run_demo
 
-    if getattr(args, "formats", False):
+    if getattr(args, "formats", None) is not None:
         from ..demo.formats import run_formats
 
         if args.recipes != list(DEMO_RECIPES):
-            raise ValueError("--recipes does not apply with --formats (the table runs every number format)")
-        return run_formats(args.model, calibration_batches=args.calibration_batches, threads=args.threads).as_dict()
+            raise ValueError("--recipes does not apply with --formats (the table runs number formats, not recipes)")
+        names = None if args.formats == "all" else name_list(args.formats)
+        return run_formats(args.model, names, calibration_batches=args.calibration_batches,
+                           threads=args.threads).as_dict()
     return run_demo(args.model, args.recipes, calibration_batches=args.calibration_batches,
                     threads=args.threads).as_dict()
 
