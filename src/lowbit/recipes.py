@@ -180,6 +180,12 @@ for _r in (
     Recipe("w4g128-awq-gptq", "AWQ activation-aware column scales, then int4 weights in groups of 128 with zero "
            "points by GPTQ with act_order (weight-only); int8 embeddings", _W4G128_ASYM,
            transforms=(("awq", {"weights": _W4G128_ASYM}), ("gptq", {"act_order": True})), embeddings=_E8),
+    Recipe("w4-mixed", "AWQ, then each Linear gets int4 g128 (zero points) or int8 per channel, chosen by per-layer "
+           "sensitivity within 4.5 stored bits per weight (scales counted), then GPTQ with act_order; int8 "
+           "embeddings", _W4G128_ASYM,
+           transforms=(("awq", {"weights": _W4G128_ASYM}),
+                       ("mixed_precision", {"candidates": [_W4G128_ASYM, _W8], "budget": 4.5}),
+                       ("gptq", {"act_order": True})), embeddings=_E8),
 ):
     register(_r)
 

@@ -112,3 +112,27 @@ def test_recipe_step():
                                                                                "budget": 6.0}), "gptq"))
     q = rec.apply(m, x)
     assert q.lowbit_mixed.bits_per_weight <= 6.0
+
+
+class _Seq(nn.Module):
+    """Token model: [batch, tokens, 16] -> [batch, tokens, 8], like a transformer's hidden states."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(5)
+        self.a, self.b = nn.Linear(16, 32), nn.Linear(32, 8)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_sensitivity_over_batches_of_different_sequence_lengths():
+    m = _Seq().eval()
+    x = [torch.randn(4, t, 16, generator=torch.Generator().manual_seed(t)) for t in (3, 7, 5)]
+    q = lb.quantize(m, weights=W4G)
+    sens, metric = spec_sensitivity(q, x, [W4G, W8C], metric="cosine")
+    # oracle: per-token 1 - cosine with layer "b" alone at int8, averaged over every token of every batch
+    one = lb.quantize(m, weights=W8C, include=["b"])
+    with torch.no_grad():
+        cos = torch.cat([torch.nn.functional.cosine_similarity(m(b), one(b), dim=-1).reshape(-1) for b in x])
+    assert sens["b"][1] == pytest.approx(float((1 - cos).mean()), rel=1e-2)   # 1 - cos in float32

@@ -157,6 +157,14 @@ class _WeightSwitch(nn.Module):
         return w if self.value is None else self.value
 
 
+def _concat(outs: list[torch.Tensor]) -> torch.Tensor:
+    """Outputs of all batches along the first dimension; batches whose shapes differ beyond the first
+    dimension (a transformer's hidden states at different sequence lengths) as rows of the last dimension."""
+    if len({tuple(o.shape[1:]) for o in outs}) <= 1:
+        return torch.cat(outs)
+    return torch.cat([o.reshape(-1, o.shape[-1]) if o.dim() > 1 else o.reshape(-1, 1) for o in outs])
+
+
 class Probe:
     """A copy of ``q`` where each layer's weight/input quantization is switched on or off separately.
 
@@ -217,7 +225,7 @@ class Probe:
 
     @torch.no_grad()
     def outputs(self, batches: list) -> torch.Tensor:
-        """The probe's outputs on ``batches``, concatenated along the first dimension."""
+        """The probe's outputs on ``batches``, concatenated along the first dimension (see :func:`_concat`)."""
         if self._cached_for is not batches:
             self._record(batches)
         first = min((self._order[n][0] for n in self._active if n in self._order), default=None)
@@ -230,7 +238,7 @@ class Probe:
             for i, b in enumerate(batches):
                 self._batch = i
                 out.append(output_tensor(run_batch(self.model, b)).detach())
-            return torch.cat(out)
+            return _concat(out)
         finally:
             for name in skip:
                 del mods[name].forward
