@@ -205,3 +205,38 @@ def test_registry_lists_every_builtin():
     for name in formats.names():
         f = formats.get(name)
         assert f.name == name and f.reference
+
+
+@pytest.mark.parametrize("name", ["nf4", "mxfp4", "fp8_e4m3"])
+def test_analyze_splits_clip_and_round_per_format(name):
+    torch.manual_seed(0)
+    model = _model()
+    x = torch.randn(32, 64)
+    w, a = _specs(name)
+    q = lb.quantize(model, weights=w, activations=a)
+    if a is not None:
+        with lb.calibrate(q):
+            q(x)
+    report = lb.analyze(model, q, [x])
+    layer = q[0]
+    scale, zp = layer.weight_quant.qparams(layer.weight)
+    err = ops.quant_error(model[0].weight.detach(), w, scale, zp)
+    d = report.as_dict() if hasattr(report, "as_dict") else report.to_dict()
+    # the clip/round split of the report is the format's: clip = beyond the format's largest value
+    flat = _find(d, "clip_mse")
+    assert any(abs(v - err.clip_mse) <= 1e-12 + 1e-6 * err.mse for v in flat)
+    assert err.clip_mse + err.round_mse == pytest.approx(err.mse)
+
+
+def _find(obj, key):
+    out = []
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if k == key and isinstance(v, float):
+                out.append(v)
+            else:
+                out += _find(v, key)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            out += _find(v, key)
+    return out

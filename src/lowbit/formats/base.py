@@ -79,6 +79,11 @@ class NumberFormat:
     def symmetric_zero_point(self, spec) -> int:
         return 0
 
+    def steps_in_range(self, spec) -> float:
+        """The real range a scale covers, in units of the scale (``[-max_value, max_value]``:
+        ``max_value``; an integer grid: ``qmax - z0``, or ``qmax - qmin`` if affine)."""
+        return self.max_value
+
     def storage_dtype(self, spec) -> torch.dtype:
         """Dtype of unpacked codes."""
         return torch.int8 if self.code_signed else torch.uint8

@@ -36,6 +36,10 @@ class IntFormat(NumberFormat):
     def symmetric_zero_point(self, spec) -> int:
         return 0 if spec.signed else 1 << (spec.bits - 1)
 
+    def steps_in_range(self, spec) -> float:
+        lo, hi = self.code_range(spec)
+        return (hi - self.symmetric_zero_point(spec)) if spec.symmetric else (hi - lo)
+
     def storage_dtype(self, spec) -> torch.dtype:
         if spec.bits <= 8:
             return torch.int8 if spec.signed else torch.uint8
