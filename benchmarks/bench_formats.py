@@ -110,8 +110,13 @@ def minilm_rows(args, specs) -> dict:
     except (TypeError, ValueError) as e:
         _progress(f"  FP8 W8A8 skipped: {e}")
     else:
-        rec = Recipe("fp8-w8a8", "FP8 E4M3 W8A8", QuantSpec(format="fp8_e4m3", granularity=PerChannel(0)), fp8)
-        extra.append(measure("fp8_e4m3 W8A8", "rtn, static per-tensor activations", rec))
+        w = QuantSpec(format="fp8_e4m3", granularity=PerChannel(0))
+        extra.append(measure("fp8_e4m3 W8A8", "rtn, static per-tensor activations",
+                             Recipe("fp8-w8a8", "FP8 E4M3 W8A8", w, fp8)))
+        if "gptq" in args.algorithms:
+            extra.append(measure("fp8_e4m3 W8A8", "gptq, static per-tensor activations",
+                                 Recipe("fp8-w8a8-gptq", "FP8 E4M3 W8A8, GPTQ", w, fp8,
+                                        transforms=(("gptq", {"act_order": True}),))))
     return {"sentences_held_in": len(held), "sentences_out_of_domain": len(ood), "calibration_sentences": len(calib),
             "out_of_domain_source": zoo.PROSE_SOURCE, "formats": rows, "recipes": extra}
 
