@@ -6,7 +6,7 @@ import lowbit
 
 # rank of each top-level module/package of lowbit; a module may import its own rank or lower.
 LAYERS = {
-    "spec": 0,
+    "spec": 0, "formats": 0,   # formats sits beside spec and does not import it
     "ops": 1,
     "observers": 2, "qtensor": 2,
     "modules": 3,

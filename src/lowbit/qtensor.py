@@ -1,7 +1,8 @@
 """``QTensor``: a quantized tensor held as integers plus its grid.
 
 ``QTensor`` stores the integer codes ``q``, ``scale``, ``zero_point`` and the :class:`QuantSpec`;
-``dequantize()`` returns ``(q - zero_point) * scale``. Storage is kept honest and small:
+``dequantize()`` returns ``(q - zero_point) * scale`` (for the formats of :mod:`lowbit.formats`,
+``decode(q) * scale``: FP8 bit patterns, NF4/MXFP4 table indices, packed two per byte when 4-bit). Storage is kept honest and small:
 
 * codes of 4 bits or fewer are bit-packed (two or four per byte, ONNX layout, see
   :mod:`lowbit.ops.packing`); wider codes use the narrowest integer dtype (unsigned 16-bit codes
@@ -94,8 +95,9 @@ class QTensor:
         ops.params.check_qparams(q.shape, spec, scale, zero_point)
         scale = _to_scale_dtype(scale.detach(), scale_dtype or scale.dtype)
         codes = q.detach().to(torch.int32)
-        if q.numel() and (int(codes.min()) < spec.qmin or int(codes.max()) > spec.qmax):
-            raise ValueError(f"q has codes outside [{spec.qmin}, {spec.qmax}] of {spec}")
+        lo, hi = spec.number_format.code_range(spec)
+        if q.numel() and (int(codes.min()) < lo or int(codes.max()) > hi):
+            raise ValueError(f"q has codes outside [{lo}, {hi}] of {spec}")
         pshape = spec.param_shape(q.shape)
         zp = zero_point.detach().to(torch.int32).reshape(pshape)
         stored_zp = None if bool((zp == spec.symmetric_zero_point).all()) else zp.to(_code_dtype(spec))
@@ -134,7 +136,8 @@ class QTensor:
         """The integer codes, unpacked, shaped like the original tensor (``spec.storage_dtype``)."""
         if not self.packed:
             return self.data.to(self.spec.storage_dtype)
-        flat = packing.unpack(self.data, self.spec.bits, math.prod(self.shape), self.spec.signed,
+        flat = packing.unpack(self.data, self.spec.bits, math.prod(self.shape),
+                              self.spec.number_format.signed_codes(self.spec),
                               self.spec.storage_dtype)
         return flat.reshape(self.shape)
 

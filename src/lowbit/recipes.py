@@ -24,6 +24,7 @@ from typing import Iterable
 from torch import nn
 
 from .spec import PerChannel, PerGroup, PerToken, QuantSpec
+from .analysis.mixed_specs import mixed_precision
 from .gptq import gptq
 from .transforms import quantize_with, register_transform
 
@@ -153,6 +154,14 @@ def _gptq(q: nn.Module, batches, **options) -> nn.Module:
 
 register_transform("gptq", "quantized", _gptq)   # GPTQ (Frantar et al. 2022) as a recipe step, before freeze
 
+
+def _mixed(q: nn.Module, batches, **options) -> nn.Module:
+    mixed_precision(q, batches, **options)   # in place; the allocation is q.lowbit_mixed
+    return q
+
+
+register_transform("mixed_precision", "quantized", _mixed)   # a weight spec per layer under a bits budget
+
 _A8_TOKEN = QuantSpec(bits=8, symmetric=False, dynamic=True, granularity=PerToken())
 _W4G128_ASYM = QuantSpec(bits=4, symmetric=False, granularity=PerGroup(128))
 # int8 embedding tables, one scale per row: MiniLM's cosine moves by 1e-4 and the model shrinks by 35 MB
@@ -171,6 +180,12 @@ for _r in (
     Recipe("w4g128-awq-gptq", "AWQ activation-aware column scales, then int4 weights in groups of 128 with zero "
            "points by GPTQ with act_order (weight-only); int8 embeddings", _W4G128_ASYM,
            transforms=(("awq", {"weights": _W4G128_ASYM}), ("gptq", {"act_order": True})), embeddings=_E8),
+    Recipe("w4-mixed", "AWQ, then each Linear gets int4 g128 (zero points) or int8 per channel, chosen by per-layer "
+           "sensitivity within 4.5 stored bits per weight (scales counted), then GPTQ with act_order; int8 "
+           "embeddings", _W4G128_ASYM,
+           transforms=(("awq", {"weights": _W4G128_ASYM}),
+                       ("mixed_precision", {"candidates": [_W4G128_ASYM, _W8], "budget": 4.5}),
+                       ("gptq", {"act_order": True})), embeddings=_E8),
 ):
     register(_r)
 

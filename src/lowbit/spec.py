@@ -1,8 +1,10 @@
-"""Number formats: what integer grid a tensor is mapped onto.
+"""Number formats: what grid a tensor is mapped onto.
 
-A :class:`QuantSpec` describes the grid (bit width, signedness, symmetric or affine), how many
-scales a tensor gets (the *granularity*) and how values are rounded onto the grid. It is a frozen,
-hashable value object; every other layer of lowbit takes one.
+A :class:`QuantSpec` describes the grid (its number ``format``: ``"int"`` grids of a bit width,
+signedness, symmetric or affine, or one of the formats of :mod:`lowbit.formats` such as
+``"fp8_e4m3"``, ``"nf4"``, ``"mxfp4"``), how many scales a tensor gets (the *granularity*) and how
+values are rounded onto the grid. It is a frozen, hashable value object; every other layer of
+lowbit takes one.
 
 The integer range is ``[qmin, qmax]``::
 
@@ -18,6 +20,8 @@ from dataclasses import dataclass, field
 from typing import Literal, Union
 
 import torch
+
+from . import formats as _formats
 
 __all__ = [
     "PerTensor",
@@ -112,10 +116,11 @@ def _normalize_axis(axis: int, ndim: int, what: str) -> int:
 
 @dataclass(frozen=True)
 class QuantSpec:
-    """An integer grid and how a tensor is mapped onto it.
+    """A grid (a number format) and how a tensor is mapped onto it.
 
     Args:
-        bits: bit width, 2..16.
+        bits: bit width, 2..16 (default 8); for a non-``"int"`` format it is the format's code
+            width and may be left out.
         signed: integers in ``[-2^(b-1), 2^(b-1)-1]`` (True) or ``[0, 2^b-1]`` (False).
         symmetric: the real range is ``[-R, R]`` with the zero point fixed at the grid's middle
             (0 for signed grids, ``2^(b-1)`` for unsigned); otherwise affine, ``[min, max]`` with a
@@ -126,17 +131,36 @@ class QuantSpec:
         narrow_range: drop the lowest code (``qmin + 1``), e.g. int8 ``[-127, 127]``.
         dynamic: activations only: the scale is computed from each tensor at run time
             instead of from calibration.
+        format: the number format, a name registered in :mod:`lowbit.formats`: ``"int"``
+            (default, the integer grid above), ``"fp8_e4m3"``, ``"fp8_e5m2"``, ``"nf4"``,
+            ``"nf4_dq"``, ``"mxfp4"``, ``"mxfp8"``, ``"mxint8"``, ``"nvfp4"``. Formats other than
+            ``"int"`` are symmetric (no zero point); block formats default their granularity
+            (NF4: ``PerGroup(64)``, MX: ``PerGroup(32)``, NVFP4: ``PerGroup(16)``) and the MX and
+            NVFP4 formats require that block size.
     """
 
-    bits: int = 8
+    bits: int = None  # type: ignore[assignment]  # resolved in __post_init__: 8, or the format's width
     signed: bool = True
     symmetric: bool = True
-    granularity: Granularity = field(default_factory=PerTensor)
+    granularity: Granularity = None  # type: ignore[assignment]  # resolved: PerTensor() or the format's block
     rounding: Literal["nearest", "stochastic"] = "nearest"
     narrow_range: bool = False
     dynamic: bool = False
+    format: str = "int"
 
     def __post_init__(self) -> None:
+        if not isinstance(self.format, str):
+            raise TypeError(f"QuantSpec: format must be a str naming a number format, got {type(self.format).__name__}")
+        if self.format not in _formats.FORMATS:
+            raise ValueError(f"QuantSpec: format must be one of {_formats.names()}, got {self.format!r}")
+        fmt = _formats.get(self.format)
+        if self.bits is None:
+            object.__setattr__(self, "bits", 8 if fmt.integer_grid else fmt.bits)
+        elif not fmt.integer_grid and self.bits != fmt.bits and not isinstance(self.bits, bool):
+            raise ValueError(f"QuantSpec: format={self.format!r} has {fmt.bits}-bit codes, got bits={self.bits!r}; "
+                             "leave bits out for this format")
+        if self.granularity is None:
+            object.__setattr__(self, "granularity", PerGroup(fmt.default_block) if fmt.default_block else PerTensor())
         if isinstance(self.bits, bool) or not isinstance(self.bits, int):
             raise TypeError(f"QuantSpec: bits must be an int, got {type(self.bits).__name__} {self.bits!r}")
         if not 2 <= self.bits <= 16:
@@ -151,15 +175,32 @@ class QuantSpec:
             )
         if self.rounding not in ROUNDING_MODES:
             raise ValueError(f"QuantSpec: rounding must be one of {ROUNDING_MODES}, got {self.rounding!r}")
+        if fmt.block_size is not None:
+            g = self.granularity
+            if not (isinstance(g, PerGroup) and g.size == fmt.block_size):
+                raise ValueError(f"QuantSpec: format={self.format!r} shares one scale per block of {fmt.block_size}: "
+                                 f"granularity must be PerGroup({fmt.block_size}) (or left out), got {g!r}")
+        fmt.check_spec(self)
+
+    @property
+    def number_format(self) -> "_formats.NumberFormat":
+        """The :class:`lowbit.formats.NumberFormat` object named by :attr:`format`."""
+        return _formats.get(self.format)
+
+    def _int_only(self, what: str) -> None:
+        if self.format != "int":
+            raise ValueError(f"spec.{what} describes integer grids; format={self.format!r} is not one "
+                             "(use spec.number_format: its values(), max_value and code_range)")
 
     @property
     def qmin(self) -> int:
-        low = -(1 << (self.bits - 1)) if self.signed else 0
-        return low + 1 if self.narrow_range else low
+        self._int_only("qmin")
+        return self.number_format.code_range(self)[0]
 
     @property
     def qmax(self) -> int:
-        return (1 << (self.bits - 1)) - 1 if self.signed else (1 << self.bits) - 1
+        self._int_only("qmax")
+        return self.number_format.code_range(self)[1]
 
     @property
     def levels(self) -> int:
@@ -168,30 +209,43 @@ class QuantSpec:
 
     @property
     def symmetric_zero_point(self) -> int:
-        """The zero point a symmetric grid uses: 0 if signed, the middle code if unsigned."""
-        return 0 if self.signed else 1 << (self.bits - 1)
+        """The zero point a symmetric grid uses: 0 if signed, the middle code if unsigned (0 for
+        formats without a zero point)."""
+        return self.number_format.symmetric_zero_point(self)
 
     @property
     def storage_dtype(self) -> torch.dtype:
         """The smallest torch integer dtype that holds every code (before bit packing)."""
-        if self.bits <= 8:
-            return torch.int8 if self.signed else torch.uint8
-        return torch.int16 if self.signed else torch.int32
+        return self.number_format.storage_dtype(self)
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Code bits plus the overhead of the scales (and stored zero points) per element; for
+        per-tensor/per-channel grids the scale overhead is left out (it depends on the shape)."""
+        return self.number_format.bits_per_weight(self)
 
     def param_shape(self, shape: torch.Size | tuple[int, ...]) -> tuple[int, ...]:
         """Shape of scale and zero point for a tensor of ``shape`` (the ONNX convention)."""
         return self.granularity.param_shape(torch.Size(shape))
 
     def replace(self, **changes: object) -> "QuantSpec":
-        """A copy with some fields changed (``spec.replace(bits=4)``)."""
+        """A copy with some fields changed (``spec.replace(bits=4)``). Changing ``format`` also
+        resets ``bits`` and ``granularity`` to that format's defaults unless they are given."""
         from dataclasses import replace
+
+        if "format" in changes and changes["format"] != self.format:
+            changes.setdefault("bits", None)
+            changes.setdefault("granularity", None)
 
         return replace(self, **changes)
 
     def __str__(self) -> str:
-        kind = ("int" if self.signed else "uint") + str(self.bits)
         g = self.granularity
-        parts = [kind, "sym" if self.symmetric else "asym", type(g).__name__]
+        if self.format != "int":
+            parts = [self.format, type(g).__name__]
+        else:
+            kind = ("int" if self.signed else "uint") + str(self.bits)
+            parts = [kind, "sym" if self.symmetric else "asym", type(g).__name__]
         if isinstance(g, PerChannel):
             parts[-1] += f"({g.axis})"
         elif isinstance(g, PerGroup):

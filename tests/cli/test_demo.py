@@ -53,3 +53,25 @@ def test_unknown_recipe_is_one_error(capsys):
     assert main(["demo", "--model", "digits", "--recipes", "w8a8,w9a9"]) == 2
     out, err = capsys.readouterr()
     assert out == "" and "recipe must be one of" in err and "w9a9" in err
+
+
+def test_formats_table(capsys):
+    """``lowbit demo --formats``: rows per format and algorithm; int8 RTN recomputed with lb.quantize directly."""
+    assert main(["demo", "--model", "digits", "--formats", "int8,int4 g32", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert [(r["format"], r["algorithm"]) for r in res["formats"]] == [
+        ("int8", "rtn"), ("int8", "gptq"), ("int4 g32", "rtn"), ("int4 g32", "gptq")]
+    model, data = zoo.get("digits")
+    q = lb.freeze(lb.quantize(model, weights=lb.QuantSpec(bits=8, granularity=lb.PerChannel(0))))
+    with torch.no_grad():
+        acc = (q(data.x_test).argmax(1) == data.y_test).float().mean().item()
+    assert res["formats"][0]["accuracy"] == pytest.approx(acc)
+    # bits/weight: 8-bit codes + one float16 scale per output channel, over every conv/linear weight
+    shapes = [m.weight.shape for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    n = sum(s.numel() for s in shapes)
+    assert res["formats"][0]["bits_per_weight"] == pytest.approx(sum(8 * s.numel() + 16 * s[0] for s in shapes) / n)
+    assert res["formats"][2]["bits_per_weight"] > 4.5      # int4 g32: 4 + 16/32, more where rows are partial groups
+    assert main(["demo", "--model", "digits", "--formats", "int8"]) == 0
+    text = capsys.readouterr().out
+    assert "bits/weight" in text and "int8" in text
+    assert main(["demo", "--formats", "bogus"]) != 0

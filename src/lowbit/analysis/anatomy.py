@@ -113,7 +113,7 @@ def _chosen_ratio(x: torch.Tensor, spec: QuantSpec, scale: torch.Tensor, zero_po
     lo, hi = _full_range(rows, spec)
     full = (hi - lo) / (2.0 if spec.symmetric else 1.0)
     s = scale.detach().to(torch.float64).reshape(-1)
-    width = s * ((spec.qmax - spec.symmetric_zero_point) if spec.symmetric else (spec.qmax - spec.qmin))
+    width = s * spec.number_format.steps_in_range(spec)   # for FP8/NF4/MX: s * the format's max value
     ok = full > 0
     if not bool(ok.any()):
         return 1.0

@@ -299,6 +299,8 @@ def act_quant(aq: ActQuantizer | None, x: V, u: float, rounding: str = "worst"):
         raise Unsupported("activation quantizer is still observing (inside lb.calibrate)")
     if aq.spec.dynamic:
         raise Unsupported(f"dynamic activation quantization ({aq.spec}) has an input-dependent grid")
+    if not aq.spec.number_format.integer_grid:
+        raise Unsupported(f"activation format {aq.spec.format!r}: the bound models uniform integer grids only")
     spec = aq.spec.replace(rounding="nearest")
     s = broadcast_param(aq.scale.double(), x.a.shape, spec)
     z = broadcast_param(aq.zero_point.double(), x.a.shape, spec)

@@ -176,7 +176,8 @@ def certify(float_model: nn.Module, q: nn.Module, x: torch.Tensor, rounding: str
         margin = z_f.gather(1, top.reshape(-1, 1)) - z_f
         measured = (z_q.gather(1, top.reshape(-1, 1)) - z_q) - margin
         lower, upper, sources, contrib, unsupported, refined = _bound(q, pairs, x, z_f, top, rounding, 0)
-        lim = first_order_limit(q, x, top) if limit else None
+        uniform = all(m.spec.number_format.integer_grid for m in q.modules() if isinstance(m, ActQuantizer))
+        lim = first_order_limit(q, x, top) if limit and uniform else None   # the limit models integer grids
         if refine and not unsupported:
             # refine the inputs the fast pass leaves undecided (and that the limit says can be certified)
             certified0 = ((margin.scatter(1, top.reshape(-1, 1), torch.inf) + lower) > 0).all(1)

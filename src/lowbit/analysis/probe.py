@@ -33,12 +33,18 @@ from .batches import output_tensor, run_batch
 __all__ = ["weight_pairs", "weight_at_bits", "Probe"]
 
 
-def _check_models(float_model: nn.Module, q: nn.Module) -> list[tuple[str, QuantLayer]]:
-    if not isinstance(float_model, nn.Module):
+def _check_models(float_model: nn.Module | None, q: nn.Module) -> list[tuple[str, QuantLayer]]:
+    if float_model is None:
+        layers = quant_layers(q) if isinstance(q, nn.Module) else None
+        pinned = [n for n, layer in layers or [] if layer.frozen or layer.weight_quant.fixed]
+        if pinned:
+            raise ValueError(f"float_model=None needs every layer's master weight to be its float weight, but "
+                             f"{pinned[:3]} are frozen or have a pinned grid (GPTQ); pass the float model")
+    elif not isinstance(float_model, nn.Module):
         raise TypeError(f"float_model must be a torch.nn.Module, got {type(float_model).__name__}")
     if not isinstance(q, nn.Module):
         raise TypeError(f"q must be a torch.nn.Module (from lb.quantize), got {type(q).__name__}")
-    if any(isinstance(m, QuantLayer) for m in float_model.modules()):
+    if float_model is not None and any(isinstance(m, QuantLayer) for m in float_model.modules()):
         raise ValueError("float_model is already quantized; pass the original float model first and the "
                          "quantized model (from lb.quantize) second")
     layers = quant_layers(q)
@@ -47,7 +53,7 @@ def _check_models(float_model: nn.Module, q: nn.Module) -> list[tuple[str, Quant
     return layers
 
 
-def weight_pairs(float_model: nn.Module, q: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def weight_pairs(float_model: nn.Module | None, q: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """``{layer name: (float weight, quantized weight)}`` for every quantized layer of ``q``.
 
     The float weight is the one the quantized layer started from (BatchNorm folded in, if
@@ -58,6 +64,7 @@ def weight_pairs(float_model: nn.Module, q: nn.Module) -> dict[str, tuple[torch.
     GPTQ rewrote the master weight onto the grid, QAT trained it), the float weight is taken from
     ``float_model`` (with SmoothQuant/AWQ factors applied, see :func:`_reference_weight`); a frozen
     layer without a matching weight there is an error, a pinned one falls back to its master weight.
+    ``float_model=None`` is allowed while no layer is frozen or pinned (the master weights are the float ones).
     """
     layers = _check_models(float_model, q)
     out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -150,6 +157,14 @@ class _WeightSwitch(nn.Module):
         return w if self.value is None else self.value
 
 
+def _concat(outs: list[torch.Tensor]) -> torch.Tensor:
+    """Outputs of all batches along the first dimension; batches whose shapes differ beyond the first
+    dimension (a transformer's hidden states at different sequence lengths) as rows of the last dimension."""
+    if len({tuple(o.shape[1:]) for o in outs}) <= 1:
+        return torch.cat(outs)
+    return torch.cat([o.reshape(-1, o.shape[-1]) if o.dim() > 1 else o.reshape(-1, 1) for o in outs])
+
+
 class Probe:
     """A copy of ``q`` where each layer's weight/input quantization is switched on or off separately.
 
@@ -160,7 +175,7 @@ class Probe:
         layers: ``{name: the original QuantLayer of q}`` (for specs and observers).
     """
 
-    def __init__(self, float_model: nn.Module, q: nn.Module) -> None:
+    def __init__(self, float_model: nn.Module | None, q: nn.Module) -> None:
         pairs = weight_pairs(float_model, q)
         self.layers = dict(quant_layers(q))
         self.names = list(self.layers)
@@ -210,7 +225,7 @@ class Probe:
 
     @torch.no_grad()
     def outputs(self, batches: list) -> torch.Tensor:
-        """The probe's outputs on ``batches``, concatenated along the first dimension."""
+        """The probe's outputs on ``batches``, concatenated along the first dimension (see :func:`_concat`)."""
         if self._cached_for is not batches:
             self._record(batches)
         first = min((self._order[n][0] for n in self._active if n in self._order), default=None)
@@ -223,7 +238,7 @@ class Probe:
             for i, b in enumerate(batches):
                 self._batch = i
                 out.append(output_tensor(run_batch(self.model, b)).detach())
-            return torch.cat(out)
+            return _concat(out)
         finally:
             for name in skip:
                 del mods[name].forward

@@ -31,7 +31,8 @@ from .fileformat import spec_from_dict
 
 __all__ = ["compact", "expand", "SPEC_DEFAULTS"]
 
-SPEC_DEFAULTS = {"signed": True, "symmetric": True, "rounding": "nearest", "narrow_range": False, "dynamic": False}
+SPEC_DEFAULTS = {"signed": True, "symmetric": True, "rounding": "nearest", "narrow_range": False, "dynamic": False,
+                 "format": "int"}
 _LAYER_FIELDS = ("frozen", "bias", "weight", "activation")
 
 
@@ -43,8 +44,11 @@ def _compact_spec(d: dict) -> dict:
 
 
 def _expand_spec(d: dict) -> dict:
-    return {"bits": d["bits"], **{k: d.get(k, v) for k, v in SPEC_DEFAULTS.items()},
-            "granularity": d.get("granularity", {"type": "PerTensor"})}
+    out = {"bits": d["bits"], **{k: d.get(k, v) for k, v in SPEC_DEFAULTS.items()},
+           "granularity": d.get("granularity", {"type": "PerTensor"})}
+    if out["format"] == "int":   # the full map names only non-integer formats (spec_to_dict)
+        del out["format"]
+    return out
 
 
 def _key(v) -> str:
@@ -61,7 +65,8 @@ def _group(mapping: dict[str, str]) -> dict[str, list[str]]:
 def compact(full: dict) -> dict:
     """The version-2 form of a full (version-1 layout) quantization map."""
     out = {k: v for k, v in full.items() if k not in ("layers", "specs", "implied", "casts", "info", "aliases")}
-    out["format_version"] = 3
+    # 4 only when a spec names a number format (readers before version 4 would take it for int)
+    out["format_version"] = 4 if any("format" in s for s in full["specs"]) else 3
     if not full.get("embeddings"):
         out.pop("embeddings", None)
     if not out.get("training"):

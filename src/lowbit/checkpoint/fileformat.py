@@ -12,7 +12,7 @@ from ..spec import PerChannel, PerGroup, PerTensor, PerToken, QuantSpec
 
 __all__ = ["FORMAT_VERSION", "META_KEY", "spec_to_dict", "spec_from_dict", "dtype_name", "read_header", "read_quant_map"]
 
-FORMAT_VERSION = 3   # 3: + quantized embedding tables; 2: compact map (lowbit.checkpoint.compact); 1: full map
+FORMAT_VERSION = 4   # 4: + number formats (spec "format": fp8/nf4/mx codes); 3: + quantized embedding tables; 2: compact map (lowbit.checkpoint.compact); 1: full map
 META_KEY = "lowbit"
 BUFFER_PREFIX = "__buffer__."   # tensors of non-persistent buffers (listed in the map's "buffers")
 _MAX_HEADER = 100 * 1024 * 1024     # safetensors' own limit on the JSON header
@@ -26,8 +26,11 @@ def spec_to_dict(spec: QuantSpec) -> dict:
         gran["axis"] = g.axis
     elif isinstance(g, PerGroup):
         gran.update(size=g.size, axis=g.axis)
-    return {"bits": spec.bits, "signed": spec.signed, "symmetric": spec.symmetric, "granularity": gran,
-            "rounding": spec.rounding, "narrow_range": spec.narrow_range, "dynamic": spec.dynamic}
+    out = {"bits": spec.bits, "signed": spec.signed, "symmetric": spec.symmetric, "granularity": gran,
+           "rounding": spec.rounding, "narrow_range": spec.narrow_range, "dynamic": spec.dynamic}
+    if spec.format != "int":  # the number format (lowbit.formats); int grids keep the version-3 entry
+        out["format"] = spec.format
+    return out
 
 
 def spec_from_dict(d: dict) -> QuantSpec:
@@ -38,7 +41,7 @@ def spec_from_dict(d: dict) -> QuantSpec:
     if kind is None:
         raise ValueError(f"checkpoint names an unknown granularity {d['granularity']!r}")
     fields = {k: d[k] for k in ("bits", "signed", "symmetric", "rounding", "narrow_range", "dynamic")}
-    return QuantSpec(granularity=kind(**gran), **fields)
+    return QuantSpec(granularity=kind(**gran), format=d.get("format", "int"), **fields)
 
 
 

@@ -89,7 +89,20 @@ def inverse_hessian_factor(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, 
 
 
 def _row_spec(spec: QuantSpec) -> QuantSpec:
+    """The spec of one group's grid fitted on ``[rows, size]`` (one scale per row)."""
+    if spec.number_format.block_size is not None:   # MX/NVFP4: the block is the format's, keep PerGroup
+        return spec.replace(rounding="nearest")
     return spec.replace(granularity=PerChannel(0), rounding="nearest")
+
+
+def _rounder(spec: QuantSpec):
+    """``quant(x, s, z)``: the arithmetic of ``ops.fake_quantize`` for one column, so that the
+    result is exactly on the grid; the format's own rounding for FP8/NF4/MX (:mod:`lowbit.formats`)."""
+    fmt = spec.number_format
+    if not fmt.integer_grid:
+        return lambda x, s, z: fmt.round(x / s) * s
+    qmin, qmax = float(spec.qmin), float(spec.qmax)
+    return lambda x, s, z: torch.round(x / s).add_(z).clamp_(qmin, qmax).sub_(z).mul_(s)
 
 
 def _fit(w: torch.Tensor, spec: QuantSpec, observer: str, options: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,7 +140,9 @@ def solve(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, observer: str = "mi
     n_groups = -(-d // size)
     if grid is not None:       # a pinned grid (any granularity)
         scale, zero_point = grid
-    elif grouped and act_order:  # static groups, fitted to the original weights
+    elif grouped and (act_order or spec.number_format.coupled_scales):
+        # static groups, fitted to the original weights (also when the format's scales depend on
+        # each other: double-quantized NF4 scales, NVFP4's FP8 block scales)
         scale, zero_point = _fit(w, spec, observer, options)
     elif grouped:
         scale = torch.empty(rows, n_groups, dtype=torch.float64 if dtype == torch.float64 else torch.float32,
@@ -147,7 +162,8 @@ def solve(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, observer: str = "mi
     out = torch.empty_like(work)
     ut = u.T.contiguous()  # ut[i2:, i1:i2] = U[i1:i2, i2:]^T
     diag = u.diagonal().tolist()
-    qmin, qmax = float(spec.qmin), float(spec.qmax)
+    quant = _rounder(spec)
+    static = act_order or spec.number_format.coupled_scales
     for i1 in range(0, d, block_size):
         i2 = min(i1 + block_size, d)
         err1 = torch.zeros(i2 - i1, rows, dtype=dtype, device=w.device)
@@ -155,17 +171,18 @@ def solve(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, observer: str = "mi
             col = i1 + i
             j = int(perm[col]) if perm is not None else col
             g = j // size if grouped else 0
-            if grouped and not act_order and grid is None and j % size == 0:  # a group starts: fit its grid now,
+            if grouped and not static and grid is None and j % size == 0:  # a group starts: fit its grid now,
                 end = min(j + size, d)                      # to its weights with pending updates applied
                 cur = work[col:end] - ut[col:end, i1:col] @ err1[:i] if i else work[col:end]
                 s_g, z_g = _fit(cur.T, row_spec, observer, options)
+                s_g, z_g = s_g.reshape(-1), z_g.reshape(-1)
                 scale[:, g], zero_point[:, g] = s_g, z_g
                 sc[g], zc[g] = s_g.to(dtype), z_g.to(dtype)
             s, z = sc[g], zc[g]
             # the column with the updates of this block's earlier columns (left-looking)
             x = torch.addmv(work[col], err1[:i].T, u[i1:col, col], alpha=-1.0) if i else work[col]
             # the arithmetic of ops.fake_quantize, so that the result is exactly on the grid
-            xq = torch.round(x / s).add_(z).clamp_(qmin, qmax).sub_(z).mul_(s)
+            xq = quant(x, s, z)
             out[col] = xq
             torch.sub(x, xq, out=err1[i]).div_(diag[col])
         if i2 < d:

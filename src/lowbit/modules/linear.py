@@ -90,7 +90,8 @@ class QuantLinear(QuantLayer):
     def _kernel_for(self) -> str:
         spec = self.weight_quant.spec
         aq = self.input_quant
-        if not self.frozen or self.kernel == "dequantize" or (aq is not None and aq.enabled):
+        if not self.frozen or self.kernel == "dequantize" or (aq is not None and aq.enabled) \
+                or not spec.number_format.integer_grid:   # FP8/NF4/MX codes: dequantize per call
             return "dequantize"
         device = self.weight_codes.device
         n, k = self._gemm_shape()

@@ -201,8 +201,9 @@ class ActQuantizer(Quantizer):
         if not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
             raise ValueError(f"activation scale must be finite and > 0 everywhere, got {scale.min().item():g} "
                              "(did calibration see only non-finite or constant values?)")
-        if zero_point.numel() and (int(zero_point.min()) < self.spec.qmin or int(zero_point.max()) > self.spec.qmax):
-            raise ValueError(f"activation zero_point must lie in [{self.spec.qmin}, {self.spec.qmax}] for {self.spec}")
+        zlo, zhi = self.spec.number_format.zero_point_range(self.spec)
+        if zero_point.numel() and (int(zero_point.min()) < zlo or int(zero_point.max()) > zhi):
+            raise ValueError(f"activation zero_point must lie in [{zlo}, {zhi}] for {self.spec}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled or not x.is_floating_point() or x.numel() == 0:

@@ -22,7 +22,8 @@ from typing import Any
 
 import torch
 
-from ..ops import from_rows, range_to_qparams, to_rows
+from ..ops import to_rows
+from ..ops.qparams import qparams_from_range
 from ..spec import PerToken, QuantSpec
 
 __all__ = ["Observer", "NotCalibratedError"]
@@ -152,8 +153,7 @@ class Observer:
     def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(scale, zero_point)`` for the range observed so far, shaped as ONNX expects."""
         lo, hi = self.range()
-        scale, zero_point = range_to_qparams(lo, hi, self.spec)
-        return from_rows(scale, self._shape, self.spec), from_rows(zero_point, self._shape, self.spec)
+        return qparams_from_range(lo, hi, self._shape, self.spec)
 
     def _check_compatible(self, other: "Observer") -> None:
         if type(other) is not type(self):

@@ -1,7 +1,8 @@
 """Quantization error and its two sources: saturation (clipping) and rounding.
 
 With ``x^ = fake_quantize(x)`` and ``N`` elements, an element *saturates* when
-``round(x/s) + z`` falls outside ``[qmin, qmax]``. The squared error splits exactly::
+``round(x/s) + z`` falls outside ``[qmin, qmax]`` (for the formats of :mod:`lowbit.formats`:
+where ``x/s`` lies beyond the format's largest value). The squared error splits exactly::
 
     mse       = sum((x - x^)^2) / N
     clip_mse  = sum over saturated elements / N
@@ -18,6 +19,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..spec import QuantSpec
+from . import table
 from .grid import _check_input, _check_spec, grid_operands, prepare_qparams, round_to_grid
 
 __all__ = ["QuantError", "quant_error"]
@@ -37,6 +39,17 @@ class QuantError:
         return asdict(self)
 
 
+def _grid_parts(x, spec, scale, zero_point, generator):
+    if spec.rounding == "stochastic":
+        s, z = prepare_qparams(x, spec, scale, zero_point)
+        xv, finish = x, (lambda r: r)
+    else:
+        xv, s, z, finish = grid_operands(x, spec, scale, zero_point)
+    v = round_to_grid(xv.to(s.dtype) / s, spec.rounding, generator) + z
+    q = torch.clamp(v, spec.qmin, spec.qmax)
+    return finish(((q - z) * s).to(x.dtype)), finish(v != q)
+
+
 def quant_error(x: torch.Tensor, spec: QuantSpec, scale, zero_point,
                 generator: torch.Generator | None = None) -> QuantError:
     """Measure the error of quantizing ``x`` with ``(scale, zero_point)``; non-finite elements are skipped.
@@ -47,15 +60,10 @@ def quant_error(x: torch.Tensor, spec: QuantSpec, scale, zero_point,
     _check_input(x)
     x = x.detach()
     _check_spec(spec)
-    if spec.rounding == "stochastic":
-        s, z = prepare_qparams(x, spec, scale, zero_point)
-        xv, finish = x, (lambda r: r)
+    if not spec.number_format.integer_grid:  # clip = beyond the format's largest value
+        x_hat, saturated = table.quant_error_parts(x, spec, scale, zero_point, generator)
     else:
-        xv, s, z, finish = grid_operands(x, spec, scale, zero_point)
-    v = round_to_grid(xv.to(s.dtype) / s, spec.rounding, generator) + z
-    q = torch.clamp(v, spec.qmin, spec.qmax)
-    x_hat = finish(((q - z) * s).to(x.dtype))
-    saturated = finish(v != q)
+        x_hat, saturated = _grid_parts(x, spec, scale, zero_point, generator)
     finite = torch.isfinite(x)
     n = int(finite.sum())
     if n == 0:

@@ -26,7 +26,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from ..spec import QuantSpec
-from . import kernels
+from . import kernels, table
 from .grid import _check_input, _check_spec, grid_operands, prepare_qparams, round_to_grid
 
 __all__ = ["fake_quantize", "STE_MODES"]
@@ -92,6 +92,8 @@ def fake_quantize(x: torch.Tensor, spec: QuantSpec, scale, zero_point, ste: str 
     if ste not in STE_MODES:
         raise ValueError(f"ste must be one of {STE_MODES}, got {ste!r}")
     _check_spec(spec)
+    if not spec.number_format.integer_grid:  # FP8, NF4, MX: STE through the format's rounding
+        return table.fake_quantize(x, spec, scale, zero_point, ste, generator, validate)
     if spec.rounding == "stochastic":
         s, z = prepare_qparams(x, spec, scale, zero_point)  # draws one random number per element of x
         xv, finish = x, None

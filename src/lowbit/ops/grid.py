@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from ..spec import PerGroup, PerTensor, QuantSpec
-from . import kernels
+from . import kernels, table
 from .params import as_param, broadcast_param, check_qparams
 
 __all__ = ["quantize", "dequantize", "stochastic_round", "round_to_grid", "prepare_qparams", "grid_operands"]
@@ -128,12 +128,16 @@ def quantize(x: torch.Tensor, spec: QuantSpec, scale, zero_point,
              generator: torch.Generator | None = None) -> torch.Tensor:
     """Map ``x`` onto the integer grid of ``spec``; returns a tensor of ``spec.storage_dtype``.
 
+    For a non-``"int"`` format the codes are the format's (:mod:`lowbit.ops.table`).
+
     Raises ``ValueError`` if ``x`` holds NaN (no integer can represent it); ``±inf`` saturates.
     Large tensors run a fused compiled kernel (:mod:`lowbit.ops.kernels`), bit-identical to eager.
     """
     _check_input(x)
     _check_spec(spec)
     x = x.detach()
+    if not spec.number_format.integer_grid:  # a value-table format (FP8, NF4, MX): lowbit.ops.table
+        return table.quantize(x, spec, scale, zero_point, generator)
     if spec.rounding == "stochastic":
         s, z = prepare_qparams(x, spec, scale, zero_point)
         if bool(torch.isnan(x).any()):
@@ -161,6 +165,9 @@ def dequantize(q: torch.Tensor, spec: QuantSpec, scale, zero_point, validate: bo
     scale_t = as_param(scale, "scale", torch.float32, q.device)
     out_dtype = scale_t.dtype if scale_t.is_floating_point() else torch.float32
     dtype = torch.float64 if out_dtype == torch.float64 else torch.float32
+    _check_spec(spec)
+    if not spec.number_format.integer_grid:
+        return table.dequantize(q, spec, scale_t, zero_point, dtype, validate).to(out_dtype)
     qv, s, z, finish = grid_operands(q, spec, scale_t, zero_point, dtype=dtype, validate=validate)
     if scale_t.requires_grad and torch.is_grad_enabled():  # differentiable in the scale
         y = (qv.to(dtype) - z) * s                          # q - z is exact in float

@@ -103,9 +103,10 @@ def check_qparams(x_shape: torch.Size, spec: QuantSpec, scale: torch.Tensor, zer
         raise TypeError(f"zero_point must be an integer (or integral float) tensor, got {z.dtype}")
     if z.is_floating_point() and not bool((torch.isfinite(z) & (z == z.round())).all()):
         raise ValueError("zero_point must hold finite integers, e.g. from ops.choose_qparams")
-    if z.numel() and (int(z.min()) < spec.qmin or int(z.max()) > spec.qmax):
+    zlo, zhi = spec.number_format.zero_point_range(spec)
+    if z.numel() and (int(z.min()) < zlo or int(z.max()) > zhi):
         raise ValueError(
-            f"zero_point must lie in [qmin, qmax] = [{spec.qmin}, {spec.qmax}] for {spec}, "
+            f"zero_point must lie in [{zlo}, {zhi}] for {spec}, "
             f"got values in [{int(z.min())}, {int(z.max())}]"
         )
 

@@ -23,7 +23,7 @@ import torch
 from ..spec import QuantSpec
 from .params import from_rows, to_rows
 
-__all__ = ["choose_qparams", "range_to_qparams", "finite_minmax", "RANGE_METHODS", "register_range_method"]
+__all__ = ["choose_qparams", "range_to_qparams", "qparams_from_range", "finite_minmax", "RANGE_METHODS", "register_range_method"]
 
 
 def finite_minmax(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,11 +63,18 @@ def _pow2_floor(n: int) -> int:
 def range_to_qparams(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Fit the grid of ``spec`` to per-row ranges ``[lo, hi]``; see the module docstring.
 
+    A non-``"int"`` format maps ``R = max(|lo|, |hi|)`` with its own rule
+    (:meth:`lowbit.formats.NumberFormat.scale_for_range`: ``R / max_value``, or the E8M0 rule of MX).
+
     Returns ``(scale, zero_point)`` as 1-D float32 (float64 if ``lo`` is) and int32 tensors.
     """
     dtype = torch.float64 if lo.dtype == torch.float64 else torch.float32
     lo, hi = lo.to(dtype), hi.to(dtype)
     tiny = torch.finfo(dtype).tiny
+    fmt = spec.number_format
+    if not fmt.integer_grid:  # the format's rule for [-R, R] (absmax / E8M0), zero point 0
+        scale = fmt.scale_for_range(torch.maximum(lo.abs(), hi.abs()))
+        return scale, torch.zeros_like(scale, dtype=torch.int32)
     if spec.symmetric:
         z0 = spec.symmetric_zero_point
         r = torch.maximum(lo.abs(), hi.abs())
@@ -116,5 +123,13 @@ def choose_qparams(x: torch.Tensor, spec: QuantSpec, observer: str = "minmax", *
     c_lo, c_hi = finite_minmax(rows)
     constant = c_lo == c_hi  # whatever the observer says, a constant row gets its exact grid
     lo, hi = torch.where(constant, c_lo.to(lo.dtype), lo), torch.where(constant, c_hi.to(hi.dtype), hi)
+    return qparams_from_range(lo, hi, x.shape, spec)
+
+
+def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, shape, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`range_to_qparams` shaped for a tensor of ``shape``, with the format's last step on
+    the whole set of scales (:meth:`~lowbit.formats.NumberFormat.finish_scales`: double
+    quantization of NF4 scales, FP8 block scales of NVFP4; the identity otherwise)."""
     scale, zero_point = range_to_qparams(lo, hi, spec)
-    return from_rows(scale, x.shape, spec), from_rows(zero_point, x.shape, spec)
+    scale = spec.number_format.finish_scales(from_rows(scale, shape, spec), spec)
+    return scale, from_rows(zero_point, shape, spec)

@@ -9,7 +9,9 @@ the same name in :mod:`lowbit.observers`:
   affine grids cut ``(100 - p) / 2`` percent from each end (ONNX Runtime's convention); exact
   (linear interpolation between order statistics, as ``numpy.percentile``).
 * ``"mse"``: the scale minimising the squared error; exact global minimum for rows small enough
-  (``rows * elements * steps <= exact_limit``), else the histogram model of :mod:`lowbit.ops.mse`.
+  (``rows * elements * steps <= exact_limit``), else the histogram model of :mod:`lowbit.ops.mse`;
+  for the formats of :mod:`lowbit.formats` a search scored with the format's exact rounding
+  (:func:`lowbit.ops.table.mse_range`).
 * ``"entropy"`` (``bins=2048``, ``quantized_bins=None``, ``variant="tensorrt"``): the KL
   threshold. ``"tensorrt"`` (:mod:`lowbit.ops.entropy_trt`): ``bins`` bins of ``|x|`` on
   ``[0, max|x|]``, ``Q`` from the grid (:func:`~lowbit.ops.entropy_trt.tensorrt_quantized_bins`)
@@ -24,7 +26,8 @@ import torch
 from ..spec import QuantSpec
 from .entropy import ENTROPY_VARIANTS, entropy_threshold
 from .entropy_trt import tensorrt_quantized_bins, tensorrt_threshold
-from .histogram import check_bins, histogram_between, histogram_rows, row_minmax, span_exponent
+from . import table
+from .histogram import span_of, check_bins, histogram_between, histogram_rows, row_minmax, span_exponent
 from .mse import grid_limits, mse_scale_exact, mse_scale_histogram, scale_to_range
 from .qparams import finite_minmax, minmax_range, register_range_method
 
@@ -67,6 +70,11 @@ def percentile_range(rows: torch.Tensor, spec: QuantSpec, p: float = 99.99) -> t
 def mse_from_histogram(counts: torch.Tensor, exponent: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
                        spec: QuantSpec, candidates: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """MSE range from a span-``2^e`` histogram (see :mod:`lowbit.ops.histogram`)."""
+    if not spec.number_format.integer_grid:  # FP8, NF4, MX: score bin centres with the format's rounding
+        bins = counts.shape[1]
+        span = span_of(exponent).to(torch.float64)[:, None]
+        centres = -span + (torch.arange(bins, dtype=torch.float64, device=counts.device) + 0.5) * (2 * span / bins)
+        return table.mse_range(centres, counts, lo, hi, spec, candidates)
     s_full, z, pos, neg = grid_limits(lo, hi, spec)
     s = mse_scale_histogram(counts, exponent, s_full, pos, neg, candidates)
     return _finish(s, z, lo, hi, spec)
@@ -84,6 +92,13 @@ def mse_range(rows: torch.Tensor, spec: QuantSpec, bins: int = 2048, candidates:
               exact_limit: int = 1 << 22) -> tuple[torch.Tensor, torch.Tensor]:
     check_bins(bins)
     lo, hi, all_finite = row_minmax(rows)
+    if not spec.number_format.integer_grid and rows.numel() * candidates <= exact_limit * 4:
+        finite = torch.isfinite(rows)
+        return table.mse_range(rows, finite.to(rows.dtype), lo, hi, spec, candidates)
+    if not spec.number_format.integer_grid:
+        maxabs = torch.maximum(lo.abs(), hi.abs())
+        exponent = span_exponent(maxabs)
+        return mse_from_histogram(histogram_rows(rows, exponent, bins, all_finite), exponent, lo, hi, spec, candidates)
     s_full, z, pos, neg = grid_limits(lo, hi, spec)
     steps = int(torch.maximum(pos, neg).max()) if rows.numel() else 0
     if rows.numel() * max(steps, 1) <= exact_limit:

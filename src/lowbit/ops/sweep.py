@@ -16,7 +16,7 @@ import torch
 from ..spec import QuantSpec
 from .error import quant_error
 from .params import from_rows, to_rows
-from .qparams import finite_minmax, range_to_qparams
+from .qparams import finite_minmax, qparams_from_range, range_to_qparams
 
 __all__ = ["ClipSweep", "clip_sweep"]
 
@@ -71,8 +71,8 @@ def clip_sweep(x: torch.Tensor, spec: QuantSpec, ratios) -> ClipSweep:
     full, _ = range_to_qparams(lo.to(dtype), hi.to(dtype), spec)
     results = []
     for ratio in r.tolist():
-        s, z = range_to_qparams((lo * ratio).to(dtype), (hi * ratio).to(dtype), spec)
-        results.append(quant_error(x, spec, from_rows(s, x.shape, spec), from_rows(z, x.shape, spec)))
+        s, z = qparams_from_range((lo * ratio).to(dtype), (hi * ratio).to(dtype), x.shape, spec)
+        results.append(quant_error(x, spec, s, z))
 
     def col(name):
         return torch.tensor([getattr(e, name) for e in results], dtype=torch.float64)

@@ -9,7 +9,7 @@ consumers (demo, benchmarks, analysis, CLI) import it.
   ``card(name)``; trained once (seconds) and cached under ``$LOWBIT_CACHE`` or ``~/.cache/lowbit``.
 - Training: ``train(model, dataset, TrainConfig(...), callback=...)``, ``evaluate``, ``predict``.
 - MiniLM (extra ``transformers``): ``load_minilm()``, ``sentences()``, ``encode``,
-  ``tokenized_batches``, ``compare_embeddings``, ``evaluate_minilm``, ``spearman``.
+  ``tokenized_batches``, ``compare_embeddings``, ``prose_sentences()`` (out-of-domain prose), ``evaluate_minilm``, ``spearman``.
 """
 from .catalog import MODELS, NAMES, ModelCard, build_model, cache_path, card, dataset_of, get, load_model, recipe
 from .cache import cache_dir
@@ -17,6 +17,7 @@ from .corpus import CORPUS_SOURCE, all_sentences, corpus_fingerprint, sentences
 from .datasets import DATASETS, Dataset, calibration_batches, iterate_batches, load_dataset
 from .minilm import (MiniLMEvaluation, encode, evaluate_minilm, load_minilm, time_encode, tokenized_batches,
                      transformer_of)
+from .prose import PROSE_SOURCE, prose_sentences
 from .models import DigitsCNN, MNIST1DCNN, ResidualBlock1d
 from .similarity import EmbeddingAgreement, compare_embeddings, pairwise_cosine, rankdata, spearman
 from .training import EpochStats, TrainConfig, evaluate, predict, train
@@ -27,7 +28,7 @@ __all__ = [
     "load_dataset", "calibration_batches", "iterate_batches",
     "DigitsCNN", "MNIST1DCNN", "ResidualBlock1d",
     "train", "evaluate", "predict",
-    "CORPUS_SOURCE", "sentences", "all_sentences", "corpus_fingerprint",
+    "CORPUS_SOURCE", "sentences", "all_sentences", "corpus_fingerprint", "PROSE_SOURCE", "prose_sentences",
     "load_minilm", "transformer_of", "encode", "tokenized_batches", "time_encode", "evaluate_minilm",
     "MiniLMEvaluation", "EmbeddingAgreement", "compare_embeddings", "pairwise_cosine", "rankdata", "spearman",
 ]
