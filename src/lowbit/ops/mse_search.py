@@ -9,7 +9,7 @@ evaluated for candidate ratios ``a`` (no histogram, no error model):
 
 1. the grid ``a = i / K`` for ``i = 1..K`` (``K = candidates``), every row on every point;
 2. ``zoom`` finer grids of ``2 * width + 1`` points around each row's best so far, the spacing
-   divided by ``2 * width`` each time (``K = 20``, two zooms of 9 points: resolution 1/1600);
+   divided by ``2 * width`` each time (``K = 20``, two zooms of 9 points: resolution 1/1280);
 3. one Lloyd step from the best: for fixed codes ``k`` the optimal scale is
    ``s' = sum(x k) / sum(k^2)``, and re-rounding at ``s'`` can only lower the error further.
 
