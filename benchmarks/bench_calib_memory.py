@@ -87,6 +87,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="a 4-layer, 256-wide model on 8 x 128 tokens")
+    ap.add_argument("--cases", default="gptq,awq", help="gptq, awq or both (comma-separated)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.quick:
@@ -99,7 +100,10 @@ def main() -> None:
     print(f"# Llama {a.layers} layers, hidden {a.hidden}; calibration {a.seqs} x {a.tokens} tokens "
           f"(one block's activations: {act_mb:.1f} MB)")
     rows = {}
+    wanted = a.cases.split(",")
     for case in ("gptq-blockwise", "gptq-former", "awq-one", "awq-default", "awq-former"):
+        if case.split("-")[0] not in wanted:
+            continue
         cmd = [sys.executable, __file__, "--child", case, "--layers", str(a.layers), "--hidden", str(a.hidden),
                "--seqs", str(a.seqs), "--tokens", str(a.tokens), "--threads", str(a.threads)]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
@@ -108,12 +112,14 @@ def main() -> None:
     print(f"\n{'case':34s} {'extra peak MB':>13s} {'wall s':>8s}")
     for case, r in rows.items():
         print(f"{case:34s} {r['extra_peak_mb']:13.1f} {r['wall_s']:8.1f}")
-    g_new, g_old = rows["gptq-blockwise"], rows["gptq-former"]
-    a_new, a_old = rows["awq-one"], rows["awq-former"]
-    print(f"\nGPTQ peak: block-wise / former = {g_new['extra_peak_mb'] / g_old['extra_peak_mb']:.2f}; "
-          f"time ratio {g_new['wall_s'] / g_old['wall_s']:.2f}")
-    print(f"AWQ peak: one input at a time / former = {a_new['extra_peak_mb'] / a_old['extra_peak_mb']:.2f}; "
-          f"time ratio {a_new['wall_s'] / a_old['wall_s']:.2f}")
+    if "gptq" in wanted:
+        g_new, g_old = rows["gptq-blockwise"], rows["gptq-former"]
+        print(f"\nGPTQ peak: block-wise / former = {g_new['extra_peak_mb'] / g_old['extra_peak_mb']:.2f}; "
+              f"time ratio {g_new['wall_s'] / g_old['wall_s']:.2f}")
+    if "awq" in wanted:
+        a_new, a_old = rows["awq-one"], rows["awq-former"]
+        print(f"AWQ peak: one input at a time / former = {a_new['extra_peak_mb'] / a_old['extra_peak_mb']:.2f}; "
+              f"time ratio {a_new['wall_s'] / a_old['wall_s']:.2f}")
 
 
 if __name__ == "__main__":
