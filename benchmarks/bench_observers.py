@@ -14,19 +14,32 @@ of all batches (ORT keeps every batch in memory until then), then ``compute_coll
 2048 bins, symmetric). ORT's MinMax calibrator reduces each batch with ReduceMin/ReduceMax inside
 the model and merges the ranges in Python; that part is timed with numpy min/max per batch.
 
-Also: per-channel MSE (int8 and int4) on a 4096 x 4096 weight, ``ops.choose_qparams``.
+Also: per-channel MSE (int8 and int4) on a 4096 x 4096 weight, ``ops.choose_qparams``; and per-group
+MSE ranges (int4, group 128) of 4096 x 11008 and 11008 x 4096 weights (one MLP projection of a 7B
+model), each in a fresh subprocess: wall time, process CPU time / threads (the wall time an idle
+machine would show), and peak resident memory above the baseline with the weight loaded
+(``ru_maxrss``), beside the weight's own size; and the quantization MSE of the grid search against
+the former 2,048-bin histogram model on a 1024 x 4096 slice (the former method needs ~0.5 GB per
+million weights, so it cannot run on the full weight on a 24 GB machine).
+
+    python benchmarks/bench_observers.py --quick     # small sizes, seconds
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import io
+import json
+import os
+import resource
+import subprocess
+import sys
 import time
 
 import numpy as np
 import torch
 
-from lowbit import PerChannel, QuantSpec, ops
+from lowbit import PerChannel, PerGroup, QuantSpec, ops
 from lowbit.observers import MSE, Entropy, MaxAbs, MinMax, MovingAverage, Percentile
 
 
@@ -110,6 +123,62 @@ def torch_histogram(batches):
     return timed(go)
 
 
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def mse_group_child(shape: str, threads: int) -> None:
+    """Run in a fresh process: one per-group MSE ``choose_qparams``; print a JSON line."""
+    torch.set_num_threads(threads)
+    r, c = (int(v) for v in shape.split("x"))
+    w = torch.randn(r, c, generator=torch.Generator().manual_seed(2))
+    spec = QuantSpec(bits=4, granularity=PerGroup(128))
+    ops.choose_qparams(w[:64], spec, observer="mse")     # warm up the kernels, not the memory
+    base = _rss_bytes()
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    t, c0 = time.perf_counter(), time.process_time()
+    s, z = ops.choose_qparams(w, spec, observer="mse")
+    wall, cpu = time.perf_counter() - t, time.process_time() - c0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # ru_maxrss is the lifetime peak: if it was reached before the call, the extra is overestimated
+    print(json.dumps({"shape": shape, "wall_s": wall, "cpu_s": cpu, "threads": threads,
+                      "extra_peak_bytes": max(peak, peak_before) - base, "weight_bytes": w.numel() * 4,
+                      "sqnr_db": ops.quant_error(w, spec, s, z).sqnr_db}))
+
+
+def old_histogram_mse(w: torch.Tensor, spec: QuantSpec):
+    """The former one-shot MSE search (2,048-bin histogram per row, modelled error), for comparison."""
+    from lowbit.ops.histogram import histogram_rows, row_minmax, span_exponent
+    from lowbit.ops.ranges import mse_from_histogram
+    rows = ops.to_rows(w, spec)
+    lo, hi, finite = row_minmax(rows)
+    e = span_exponent(torch.maximum(lo.abs(), hi.abs()))
+    lo, hi = mse_from_histogram(histogram_rows(rows, e, 2048, finite), e, lo, hi, spec)
+    s, z = ops.range_to_qparams(lo, hi, spec)
+    return ops.from_rows(s, w.shape, spec), ops.from_rows(z, w.shape, spec)
+
+
+def per_group_mse(threads: int, quick: bool) -> None:
+    shapes = ["1024x4096"] if quick else ["4096x11008", "11008x4096"]
+    print(f"\n{'per-group MSE int4 g128':34s} {'wall s':>8s} {'cpu/thr s':>9s} {'extra MB':>9s} {'weight MB':>9s} "
+          f"{'extra/w':>7s}")
+    for shape in shapes:
+        out = subprocess.run([sys.executable, __file__, "--mse-child", shape, "--threads", str(threads)],
+                             capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+        r = json.loads(out)
+        print(f"{'lowbit MSE ' + shape:34s} {r['wall_s']:8.3f} {r['cpu_s'] / threads:9.3f} "
+              f"{r['extra_peak_bytes'] / 2**20:9.1f} {r['weight_bytes'] / 2**20:9.1f} "
+              f"{r['extra_peak_bytes'] / r['weight_bytes']:7.2f}")
+    w = torch.randn(256 if quick else 1024, 4096, generator=torch.Generator().manual_seed(3))
+    spec = QuantSpec(bits=4, granularity=PerGroup(128))
+    t_old, (s_old, z_old) = timed(lambda: old_histogram_mse(w, spec), 1)
+    t_new, (s_new, z_new) = timed(lambda: ops.choose_qparams(w, spec, observer="mse"), 1)
+    e_old, e_new = ops.quant_error(w, spec, s_old, z_old).mse, ops.quant_error(w, spec, s_new, z_new).mse
+    print(f"{tuple(w.shape)} vs former 2048-bin histogram model: MSE new/old {e_new / e_old:.4f}, "
+          f"time new/old {t_new / t_old:.2f} ({t_new:.2f} s vs {t_old:.2f} s)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--values", type=int, default=1 << 24)
@@ -117,7 +186,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-torch", action="store_true", help="skip torch's HistogramObserver")
     ap.add_argument("--repeat", type=int, default=3, help="report the best of this many runs")
+    ap.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
+    ap.add_argument("--mse-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.mse_child:
+        return mse_group_child(args.mse_child, args.threads)
+    from _machine import header
+    torch.set_num_threads(args.threads)
+    print(header())
+    if args.quick:
+        args.values, args.batches, args.repeat = 1 << 20, 8, 1
     global REPEAT
     REPEAT = args.repeat
     torch.set_num_threads(args.threads)
@@ -165,8 +243,10 @@ def main() -> None:
     print(f"Entropy one-shot (ops.choose_qparams on the concatenation): {one_shot_t:.3f} s, threshold "
           f"{float(hi):.4f} ({abs(float(hi) - ort_entropy_hi) / bin_width:.1f} ORT bins from ORT's)")
 
-    w = torch.randn(4096, 4096, generator=torch.Generator().manual_seed(1))
-    print(f"\n{'per-channel weight 4096x4096':34s} {'time s':>8s} {'SQNR dB':>8s} {'maxabs dB':>9s}")
+    per_group_mse(args.threads, args.quick)
+    side = 1024 if args.quick else 4096
+    w = torch.randn(side, side, generator=torch.Generator().manual_seed(1))
+    print(f"\n{'per-channel weight ' + str(side) + 'x' + str(side):34s} {'time s':>8s} {'SQNR dB':>8s} {'maxabs dB':>9s}")
     for bits in (8, 4):
         wspec = QuantSpec(bits=bits, granularity=PerChannel(0))
         t, (s, z) = timed(lambda: ops.choose_qparams(w, wspec, observer="mse"))

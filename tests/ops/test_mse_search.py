@@ -84,3 +84,69 @@ def test_non_finite_values_are_ignored():
     dirty = torch.cat([x, torch.tensor([float("-inf"), float("nan"), float("inf")])])
     spec = QuantSpec(bits=4)
     assert torch.equal(ops.choose_qparams(dirty, spec, observer="mse")[0], ops.choose_qparams(x, spec, observer="mse")[0])
+
+
+def _former_histogram_search(x, spec):
+    """The former large-tensor path: a 2,048-bin histogram per row and the modelled error."""
+    from lowbit.ops.histogram import histogram_rows, row_minmax, span_exponent
+    from lowbit.ops.ranges import mse_from_histogram
+    rows = ops.to_rows(x, spec)
+    lo, hi, finite = row_minmax(rows)
+    e = span_exponent(torch.maximum(lo.abs(), hi.abs()))
+    lo, hi = mse_from_histogram(histogram_rows(rows, e, 2048, finite), e, lo, hi, spec)
+    s, z = ops.range_to_qparams(lo, hi, spec)
+    return ops.from_rows(s, x.shape, spec), ops.from_rows(z, x.shape, spec)
+
+
+def _row_sq_err(x, spec, s, z):
+    return ops.to_rows((ops.fake_quantize(x, spec, s, z) - x).double().square(), spec).nansum(dim=1)
+
+
+GROUP_SPECS = [QuantSpec(bits=4, granularity=PerGroup(128)),
+               QuantSpec(bits=4, symmetric=False, granularity=PerGroup(128)),
+               QuantSpec(bits=3, granularity=PerGroup(64)),
+               QuantSpec(bits=8, granularity=PerChannel(0))]
+
+
+@pytest.mark.parametrize("spec", GROUP_SPECS, ids=str)
+def test_grid_search_is_no_worse_than_the_former_histogram_model(spec):
+    x = torch.cat([_laplace((96, 512), seed=5).float(), torch.randn(96, 512, generator=torch.Generator().manual_seed(6))])
+    s, z = ops.choose_qparams(x, spec, observer="mse", exact_limit=0)
+    s_old, z_old = _former_histogram_search(x, spec)
+    assert ops.quant_error(x, spec, s, z).mse <= ops.quant_error(x, spec, s_old, z_old).mse * (1 + 1e-4)
+
+
+@pytest.mark.parametrize("spec", GROUP_SPECS[:3], ids=str)
+def test_grid_search_beats_every_point_of_its_first_grid_row_by_row(spec):
+    """Brute force over the same first-stage candidates (ratios i/20 of the full range), scored by
+    fake quantization through the public ops: the search returns no row worse than their best."""
+    x = _laplace((64, 256), seed=7, outliers=4, magnitude=12.0).float()
+    s, z = ops.choose_qparams(x, spec, observer="mse", exact_limit=0, candidates=20)
+    ours = _row_sq_err(x, spec, s, z)
+    rows = ops.to_rows(x, spec)
+    lo, hi = ops.RANGE_METHODS["minmax"](rows, spec)
+    best = None
+    for i in range(1, 21):
+        a = i / 20
+        if spec.symmetric:
+            r = torch.maximum(lo.abs(), hi.abs()) * a
+            ls, zs = ops.range_to_qparams(-r, r, spec)
+        else:  # the zero point of the full range is kept, the scale shrinks by a
+            s_full, z_full = ops.range_to_qparams(lo, hi, spec)
+            ls, zs = s_full * a, z_full
+        err = _row_sq_err(x, spec, ops.from_rows(ls, x.shape, spec), ops.from_rows(zs, x.shape, spec))
+        best = err if best is None else torch.minimum(best, err)
+    assert bool((ours <= best * (1 + 1e-5) + 1e-12).all()), float((ours / best).max())
+
+
+def test_grid_search_slices_long_rows_and_matches_one_pass():
+    """Rows longer than the work budget are processed in column slices: same scales."""
+    from lowbit.ops.mse import grid_limits
+    from lowbit.ops.mse_search import mse_scale_search
+    from lowbit.ops.histogram import row_minmax
+    x = _laplace((3, 20000), seed=8).float()
+    lo, hi, _ = row_minmax(x)
+    s_full, _, pos, neg = grid_limits(lo, hi, QuantSpec(bits=4))
+    whole = mse_scale_search(x, s_full, pos, neg, work_elements=1 << 22)
+    sliced = mse_scale_search(x, s_full, pos, neg, work_elements=4096)
+    torch.testing.assert_close(sliced, whole, rtol=1e-6, atol=0)

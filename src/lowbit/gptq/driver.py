@@ -28,6 +28,7 @@ from .. import ops
 from ..modules import QuantLayer, WeightQuantizer
 from ..quantize import quant_layers
 from ..spec import PerTensor
+from .blockwise import capture_inputs, chain_plan, gptq_block, next_inputs
 from .cache import BlockCache, find_blocks
 from .inputs import Hessian, gemm_inputs, run_batch, to_device
 from .report import GPTQReport, LayerReport, output_error
@@ -156,6 +157,74 @@ def _quantize_layer(name: str, layer: QuantLayer, hess: Hessian, damp: float, bl
                        seconds=time.perf_counter() - t0, **errors)
 
 
+def _model_calls(q: nn.Module, batches, device):
+    """A pass over the calibration set: ``[(batch index, run q on it)]``, fresh each time."""
+    return lambda: [(i, lambda b=b: run_batch(q, to_device(b, device))) for i, b in enumerate(batches)]
+
+
+def _run_groups(pending: dict, calls, report: GPTQReport, damp: float, block_size: int, act_order: bool,
+                keep_grid: bool, cache: BlockCache | None = None) -> None:
+    """Quantize the layers of ``pending`` group by group (popping them) until a pass reaches none.
+
+    ``calls()`` gives one pass: ``[(batch index, fn)]``; each ``fn`` runs a forward that reaches the
+    layers (a whole model, or one block on its cached inputs) and may be stopped by :class:`_Stop`.
+    """
+    collector = _Collector(pending, lambda layer: _compute_dtype(layer.weight))
+    collector.cache = cache
+    hooks = [layer.register_forward_pre_hook(collector) for layer in pending]
+    try:
+        while pending:
+            collector.group = {}
+            with torch.no_grad():
+                for index, fn in calls():
+                    collector.new_batch()
+                    if cache is not None:
+                        cache.new_batch(index)
+                    try:
+                        fn()
+                    except _Stop:
+                        pass
+            if not collector.group:
+                break
+            for layer, hess in collector.group.items():
+                name = pending.pop(layer)
+                r = _quantize_layer(name, layer, hess, damp, block_size, act_order, keep_grid)
+                log.info("gptq %s: output error %.3e -> %.3e (%.1fx)", name, r.rtn_error, r.gptq_error, r.gain)
+                report.layers.append(r)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def _raise_stop(*_args, **_kwargs):
+    raise _Stop
+
+
+def _blockwise(q: nn.Module, blocks: list, batches, pending: dict, device, report: GPTQReport, args) -> None:
+    """The chain path (:mod:`lowbit.gptq.blockwise`): layers before the first block by stopped
+    model passes, each block from the previous block's outputs, then the layers after the last
+    block by full model passes. Holds one block's inputs and outputs at a time."""
+    inside = [{layer: pending[layer] for layer in b.modules() if layer in pending} for b in blocks]
+    in_blocks = {layer for d in inside for layer in d}
+    outside = {layer: name for layer, name in pending.items() if layer not in in_blocks}
+    stop = blocks[0].register_forward_pre_hook(_raise_stop)
+    try:
+        _run_groups(outside, _model_calls(q, batches, device), report, *args)
+    finally:
+        stop.remove()
+    inputs = capture_inputs(q, blocks[0], batches, device)
+    for b, layers in zip(blocks, inside):
+        outs, _ = gptq_block(b, inputs, damp=args[0], block_size=args[1], act_order=args[2], keep_grid=args[3],
+                             layers=layers, report=report, outputs=b is not blocks[-1])
+        inputs = next_inputs(inputs, outs) if outs is not None else None
+        del outs
+    del inputs
+    _run_groups(outside, _model_calls(q, batches, device), report, *args)
+    for layer in list(pending):
+        if layer in in_blocks or layer not in outside:
+            pending.pop(layer)
+
+
 @torch.inference_mode(False)   # what it builds stays ordinary tensors when called inside inference_mode
 def gptq(q: nn.Module, batches: Iterable, *, damp: float = 0.01, block_size: int = 128, act_order: bool = False,
          replay: bool = True, keep_grid: bool = False, include: Sequence[str] | str | None = None, exclude: Sequence[str] | str | None = None) -> GPTQReport:
@@ -206,10 +275,6 @@ def gptq(q: nn.Module, batches: Iterable, *, damp: float = 0.01, block_size: int
                       layer.weight_quant.fixed) for layer in pending}
     report = GPTQReport()
     t_start = time.perf_counter()
-    collector = _Collector(pending, lambda layer: _compute_dtype(layer.weight))
-    hooks = [layer.register_forward_pre_hook(collector) for layer in pending]
-    cache = BlockCache(find_blocks(q, set(pending)), pending) if replay else None
-    collector.cache = cache
     was_training = q.training
     q.eval()
     # During the passes the selected layers run on their float master weights: a finished layer's
@@ -217,35 +282,24 @@ def gptq(q: nn.Module, batches: Iterable, *, damp: float = 0.01, block_size: int
     # pending layer's output is never used before the pass stops. This skips the fake quantization.
     for layer in pending:
         layer.weight_quant.enabled = False
+    args = (float(damp), block_size, act_order, keep_grid)
     ok = False
     try:
-        if cache is not None:
-            cache.install()
-        while pending:
-            collector.group = {}
-            with torch.no_grad():
-                for index, batch in enumerate(batches):
-                    collector.new_batch()
-                    if cache is not None:
-                        cache.new_batch(index)
-                    try:
-                        run_batch(q, to_device(batch, device))
-                    except _Stop:
-                        pass
-            if not collector.group:
-                break
-            for layer, hess in collector.group.items():
-                name = pending.pop(layer)
-                r = _quantize_layer(name, layer, hess, float(damp), block_size, act_order, keep_grid)
-                log.info("gptq %s: output error %.3e -> %.3e (%.1fx)", name, r.rtn_error, r.gptq_error, r.gain)
-                report.layers.append(r)
-        report.unreached = list(pending.values())
+        blocks = find_blocks(q, set(pending)) if replay else []
+        if blocks and chain_plan(q, blocks, next(iter(batches)), pending, device):
+            _blockwise(q, blocks, batches, pending, device, report, args)
+        else:
+            cache = BlockCache(blocks, pending) if replay else None
+            if cache is not None:
+                cache.install()
+            try:
+                _run_groups(pending, _model_calls(q, batches, device), report, *args, cache=cache)
+            finally:
+                if cache is not None:
+                    cache.remove()
+        report.unreached.extend(pending.values())
         ok = True
     finally:
-        for h in hooks:
-            h.remove()
-        if cache is not None:
-            cache.remove()
         for layer in backup:
             layer.weight_quant.enabled = True
         q.train(was_training)

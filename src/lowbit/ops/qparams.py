@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 
 from ..spec import QuantSpec
+from .histogram import row_minmax
 from .params import from_rows, to_rows
 
 __all__ = ["choose_qparams", "range_to_qparams", "qparams_from_range", "finite_minmax", "RANGE_METHODS", "register_range_method"]
@@ -120,7 +121,7 @@ def choose_qparams(x: torch.Tensor, spec: QuantSpec, observer: str = "minmax", *
     if rows.dtype not in (torch.float32, torch.float64):
         rows = rows.float()
     lo, hi = RANGE_METHODS[observer](rows, spec, **options)
-    c_lo, c_hi = finite_minmax(rows)
+    c_lo, c_hi, _ = row_minmax(rows)   # no full-size temporaries when every value is finite
     constant = c_lo == c_hi  # whatever the observer says, a constant row gets its exact grid
     lo, hi = torch.where(constant, c_lo.to(lo.dtype), lo), torch.where(constant, c_hi.to(hi.dtype), hi)
     return qparams_from_range(lo, hi, x.shape, spec)

@@ -9,8 +9,9 @@ the same name in :mod:`lowbit.observers`:
   affine grids cut ``(100 - p) / 2`` percent from each end (ONNX Runtime's convention); exact
   (linear interpolation between order statistics, as ``numpy.percentile``).
 * ``"mse"``: the scale minimising the squared error; exact global minimum for rows small enough
-  (``rows * elements * steps <= exact_limit``), else the histogram model of :mod:`lowbit.ops.mse`;
-  for the formats of :mod:`lowbit.formats` a search scored with the format's exact rounding
+  (``rows * elements * steps <= exact_limit``), else the chunked grid search of
+  :mod:`lowbit.ops.mse_search` (memory bounded by the chunk, not by the tensor); for the formats
+  of :mod:`lowbit.formats` a search scored with the format's exact rounding
   (:func:`lowbit.ops.table.mse_range`).
 * ``"entropy"`` (``bins=2048``, ``quantized_bins=None``, ``variant="tensorrt"``): the KL
   threshold. ``"tensorrt"`` (:mod:`lowbit.ops.entropy_trt`): ``bins`` bins of ``|x|`` on
@@ -29,6 +30,7 @@ from .entropy_trt import tensorrt_quantized_bins, tensorrt_threshold
 from . import table
 from .histogram import span_of, check_bins, histogram_between, histogram_rows, row_minmax, span_exponent
 from .mse import grid_limits, mse_scale_exact, mse_scale_histogram, scale_to_range
+from .mse_search import mse_scale_search
 from .qparams import finite_minmax, minmax_range, register_range_method
 
 __all__ = ["percentile_range", "mse_range", "entropy_range", "check_percentile", "quantized_bins_for",
@@ -88,9 +90,16 @@ def _finish(s, z, lo, hi, spec):
     return out_lo, out_hi
 
 
-def mse_range(rows: torch.Tensor, spec: QuantSpec, bins: int = 2048, candidates: int = 32,
+def mse_range(rows: torch.Tensor, spec: QuantSpec, bins: int = 2048, candidates: int = 20,
               exact_limit: int = 1 << 22) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact optimum for small tensors; else the bounded-memory search of
+    :mod:`lowbit.ops.mse_search` (``candidates`` clipping ratios ``i / candidates``, then two
+    zooms and a Lloyd step, all scored by their exact error). ``bins`` is the streaming
+    :class:`~lowbit.observers.MSE` observer's option, accepted (and validated) here for symmetry;
+    the one-shot search needs no histogram."""
     check_bins(bins)
+    if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1:
+        raise ValueError(f"candidates must be an int >= 1 (clipping ratios i/candidates, e.g. 20), got {candidates!r}")
     lo, hi, all_finite = row_minmax(rows)
     if not spec.number_format.integer_grid and rows.numel() * candidates <= exact_limit * 4:
         finite = torch.isfinite(rows)
@@ -103,11 +112,9 @@ def mse_range(rows: torch.Tensor, spec: QuantSpec, bins: int = 2048, candidates:
     steps = int(torch.maximum(pos, neg).max()) if rows.numel() else 0
     if rows.numel() * max(steps, 1) <= exact_limit:
         s = mse_scale_exact(rows, z, pos, neg)
-        return _finish(s, z, lo, hi, spec)
-    maxabs = torch.maximum(lo.abs(), hi.abs())
-    exponent = span_exponent(maxabs)
-    counts = histogram_rows(rows, exponent, bins, all_finite)
-    return mse_from_histogram(counts, exponent, lo, hi, spec, candidates)
+    else:
+        s = mse_scale_search(rows, s_full, pos, neg, candidates)
+    return _finish(s, z, lo, hi, spec)
 
 
 def quantized_bins_for(spec: QuantSpec, quantized_bins: int | None) -> int:

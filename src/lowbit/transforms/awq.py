@@ -35,6 +35,7 @@ complementary: AWQ picks the scale of the columns, GPTQ the rounding).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import fnmatch
 import logging
@@ -93,9 +94,11 @@ class AWQInfo:
 
 
 class _Stats:
-    """Per linear layer: ``H = sum x x^T``, ``sum |x|`` (float32) and the number of input vectors."""
+    """Per linear layer: ``H = sum x x^T`` (if ``with_h``), ``sum |x|`` (float32) and the number of
+    input vectors."""
 
-    def __init__(self) -> None:
+    def __init__(self, with_h: bool = True) -> None:
+        self.with_h = with_h
         self.h: torch.Tensor | None = None
         self.abs_sum: torch.Tensor | None = None
         self.n = 0
@@ -109,9 +112,10 @@ class _Stats:
         if x.numel() == 0:
             return
         x = torch.nan_to_num(x.float(), nan=0.0, posinf=0.0, neginf=0.0)
-        xtx = x.T @ x
+        if self.with_h:
+            xtx = x.T @ x
+            self.h = xtx if self.h is None else self.h.add_(xtx)
         a = x.abs().sum(0)
-        self.h = xtx if self.h is None else self.h.add_(xtx)
         self.abs_sum = a if self.abs_sum is None else self.abs_sum.add_(a)
         self.n += x.shape[0]
 
@@ -165,7 +169,7 @@ def _search(weights: list[torch.Tensor], stats: _Stats, spec: QuantSpec, observe
     return best[0], best[1], rtn, best[2]
 
 
-def _check(model, weights, grid, observer, explicit) -> None:
+def _check(model, weights, grid, observer, explicit, stats_budget=None) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if any(isinstance(m, QuantLayer) for m in model.modules()):
@@ -184,12 +188,45 @@ def _check(model, weights, grid, observer, explicit) -> None:
                          f"lb.quantize), got {observer!r}")
     if not isinstance(explicit, bool):
         raise TypeError(f"explicit must be a bool, got {explicit!r}")
+    if stats_budget is not None and (isinstance(stats_budget, bool) or not isinstance(stats_budget, int)
+                                     or stats_budget < 0):
+        raise ValueError(f"stats_budget must be None or an int >= 0 (bytes of statistics held at a time, "
+                         f"e.g. 1 << 28), got {stats_budget!r}")
+
+
+@contextlib.contextmanager
+def _hooked(modules: dict, stats: dict):
+    """Forward pre-hooks feeding each named layer's input to its :class:`_Stats`."""
+    hooks = [modules[n].register_forward_pre_hook(lambda _m, args, st=st: st.add(args[0]) if args else None)
+             for n, st in stats.items()]
+    try:
+        yield
+    finally:
+        for hk in hooks:
+            hk.remove()
+
+
+def _passes(units, stats, budget):
+    """Split the search units into calibration passes whose Hessians (``d^2`` float32 each) fit in
+    ``budget`` bytes (at least one unit per pass; ``None``: all in one pass)."""
+    batch, used = [], 0
+    for unit in units:
+        d = stats[unit[1][0]].abs_sum.numel()
+        size = 4 * d * d
+        if batch and budget is not None and used + size > budget:
+            yield batch
+            batch, used = [], 0
+        batch.append(unit)
+        used += size
+    if batch:
+        yield batch
 
 
 @torch.inference_mode(False)   # what it builds stays ordinary tensors when called inside inference_mode
 def awq(model: nn.Module, batches: Iterable, weights: QuantSpec, *, grid: int = 20, observer: str = "minmax",
         observer_options: dict | None = None, explicit: bool = True,
-        include: Sequence[str] | str | None = None, exclude: Sequence[str] | str | None = None) -> nn.Module:
+        include: Sequence[str] | str | None = None, exclude: Sequence[str] | str | None = None,
+        stats_budget: int | None = 1 << 28) -> nn.Module:
     """An AWQ-scaled copy of the float ``model`` for weights quantized with ``weights`` (see the module docstring).
 
     Args:
@@ -200,10 +237,14 @@ def awq(model: nn.Module, batches: Iterable, weights: QuantSpec, *, grid: int = 
         explicit: scale layers whose input cannot be folded into a norm with an explicit
             :class:`~lowbit.transforms.smooth_quant.SmoothedLinear` (True), or leave them alone (False).
         include / exclude: glob patterns over ``nn.Linear`` names selecting the layers to scale.
+        stats_budget: bytes of input statistics (``H``, ``d x d`` float32 per searched input) held
+            at a time: the units are searched in calibration passes whose ``H`` fit (256 MiB by
+            default; ``0``: one input at a time, one pass each; ``None``: all in one pass). Layers
+            reading the same input share one ``H``. The result does not depend on it.
 
     The copy computes the same function as ``model`` and carries ``lowbit_awq`` (an :class:`AWQInfo`).
     """
-    _check(model, weights, grid, observer, explicit)
+    _check(model, weights, grid, observer, explicit, stats_budget)
     spec = weights.replace(rounding="nearest")
     options = dict(observer_options or {})
     data = _batches.as_batches(batches)
@@ -214,15 +255,11 @@ def awq(model: nn.Module, batches: Iterable, weights: QuantSpec, *, grid: int = 
     include = _patterns("include", include, linear_names)
     exclude = _patterns("exclude", exclude, linear_names)
     modules = dict(out.named_modules())
-    stats = {n: _Stats() for n in linear_names}
-    hooks = [modules[n].register_forward_pre_hook(lambda _m, args, st=stats[n]: st.add(args[0]) if args else None)
-             for n in linear_names]
+    stats = {n: _Stats(with_h=False) for n in linear_names}      # mean |x| only: d floats per layer
     device = _batches.model_device(out)
-    try:
-        flow = trace_linear_inputs(out, data, lambda m, b: _batches.call(m, b, device))
-    finally:
-        for hk in hooks:
-            hk.remove()
+    call = lambda m, b: _batches.call(m, b, device)   # noqa: E731
+    with _hooked(modules, stats):
+        flow = trace_linear_inputs(out, data, call)
 
     info = AWQInfo(weights=weights, grid=grid)
     selected = []
@@ -240,8 +277,9 @@ def awq(model: nn.Module, batches: Iterable, weights: QuantSpec, *, grid: int = 
             continue
         selected.append(name)
 
-    # 1. one shared factor, folded into a norm whose output only the selected linear layers read
+    # the search units: a norm's readers sharing one folded factor, or one layer with an explicit one
     readers = flow.readers()
+    units: list[tuple[str | None, list[str]]] = []
     folded: set[str] = set()
     for norm_name, group in readers.items():
         if not flow.foldable(norm_name, group) or not all(n in selected for n in group):
@@ -250,25 +288,51 @@ def awq(model: nn.Module, batches: Iterable, weights: QuantSpec, *, grid: int = 
         if offset is None:
             log.info("awq: not folding into %s: %s", norm_name, why_not)
             continue
-        alpha, s, rtn, err = _search([float_gemm_weight(modules[n]) for n in group], stats[group[0]], spec, observer,
-                                     options, grid)
-        probe, before = norm_probe(modules[norm_name])
-        fold_into_norm(modules[norm_name], s, [modules[n] for n in group], offset)
-        check_norm_fold(norm_name, modules[norm_name], probe, before, s)
-        for n in group:
-            info.layers[n] = AWQLayer(f"folded into {norm_name}", alpha, rtn, err)
-            folded.add(n)
-
-    # 2. the others: explicit factor, or left alone
+        units.append((norm_name, list(group)))
+        folded.update(group)
     for name in selected:
         if name in folded:
             continue
         if not explicit:
             info.skipped[name] = "its input is not a norm output read only by linear layers; explicit=False"
             continue
+        units.append((None, [name]))
+
+    # H = sum x x^T of each unit's input, for as many units as fit in stats_budget per pass; each
+    # searched and freed before the next pass (the model is changed only after every search)
+    found = {}
+    was_training = out.training
+    for batch_units in _passes(units, stats, stats_budget):
+        h_stats = {group[0]: _Stats() for _, group in batch_units}
+        out.eval()
+        try:
+            with _hooked(modules, h_stats), torch.no_grad():
+                for b in data:
+                    call(out, b)
+        finally:
+            out.train(was_training)
+        for norm_name, group in batch_units:
+            found[(norm_name, group[0])] = _search([float_gemm_weight(modules[n]) for n in group], h_stats[group[0]],
+                                                   spec, observer, options, grid)
+        del h_stats
+
+    # 1. one shared factor, folded into a norm whose output only the selected linear layers read
+    for norm_name, group in units:
+        if norm_name is None:
+            continue
+        alpha, s, rtn, err = found.pop((norm_name, group[0]))
+        offset, _ = foldable_norm(modules, norm_name)
+        probe, before = norm_probe(modules[norm_name])
+        fold_into_norm(modules[norm_name], s, [modules[n] for n in group], offset)
+        check_norm_fold(norm_name, modules[norm_name], probe, before, s)
+        for n in group:
+            info.layers[n] = AWQLayer(f"folded into {norm_name}", alpha, rtn, err)
+
+    # 2. the others: explicit factor
+    for norm_name, (name,) in ((u, g) for u, g in units if u is None):
         lin = modules[name]
         g = float_gemm_weight(lin)
-        alpha, s, rtn, err = _search([g], stats[name], spec, observer, options, grid)
+        alpha, s, rtn, err = found.pop((None, name))
         if alpha == 0.0:   # s = 1: nothing to gain, keep the plain layer
             info.layers[name] = AWQLayer("unchanged", alpha, rtn, err)
             continue
