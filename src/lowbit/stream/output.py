@@ -20,9 +20,9 @@ from __future__ import annotations
 import errno
 import json
 import shutil
+import struct
 from pathlib import Path
 
-import safetensors.torch
 import torch
 
 from ..checkpoint.atomic import atomic_file, atomic_write
@@ -35,6 +35,27 @@ PROGRESS = "lowbit-progress.json"
 WORK = ".lowbit-work"
 _COPY = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
          "special_tokens_map.json", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
+
+
+_ST_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+             torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+             torch.bool: "BOOL"}
+
+
+def serialize(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """safetensors bytes with a deterministic header (keys sorted; the library orders metadata as a
+    hash map does, so two runs would differ in bytes): a resumed run must be byte-identical."""
+    header: dict = {"__metadata__": dict(sorted(metadata.items()))}
+    chunks, offset = [], 0
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        raw = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        header[name] = {"dtype": _ST_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
+        chunks.append(raw)
+        offset += len(raw)
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    return struct.pack("<Q", len(head)) + head + b"".join(chunks)
 
 
 def _disk_full(e: OSError, path: Path) -> OSError:
@@ -65,7 +86,6 @@ class Output:
         else:
             if not resume or not progress.is_file():
                 self._clear()
-        self.work.mkdir(exist_ok=True)
 
     def _clear(self) -> None:
         """Remove what an earlier run of lowbit left in ``dst`` (and nothing else)."""
@@ -90,7 +110,7 @@ class Output:
         """Write unit ``i``'s frozen (or float) tensors to its shard; returns the tensor names."""
         tensors, metadata = payload(shell)
         path = self.dst / self.shard_name(i)
-        self._write(path, safetensors.torch.save(tensors, metadata=metadata))
+        self._write(path, serialize(tensors, metadata))
         return list(tensors)
 
     def save_state(self, name: str, obj) -> None:
