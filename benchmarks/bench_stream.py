@@ -134,7 +134,7 @@ def _child(args) -> None:
 
 def _measure(kind: str, src: Path, dst: Path, calib: Path, recipe: str, quiet: bool) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", kind, "--src", str(src), "--dst", str(dst),
-           "--calib", str(calib), "--recipe", recipe] + (["--json"] if quiet else [])
+           "--calib", str(calib), "--recipe", recipe, "--threads", str(torch.get_num_threads())] + (["--json"] if quiet else [])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent / "src"), str(HERE), os.environ.get("PYTHONPATH", "")])}
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=None if not quiet else subprocess.PIPE, text=True)
@@ -157,11 +157,14 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--dir", default=None, help="scratch directory for the checkpoints (default: a temp dir)")
     ap.add_argument("--recipe", default="w4g128-gptq")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads in every run (default: torch's)")
     ap.add_argument("--skip-big", action="store_true")
     ap.add_argument("--skip-overhead", action="store_true")
     ap.add_argument("--child", choices=["stream", "memory"])
     ap.add_argument("--src"), ap.add_argument("--dst"), ap.add_argument("--calib")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.child:
         return _child(args)
     print(_machine.header(), file=sys.stderr if args.json else sys.stdout)
@@ -184,7 +187,15 @@ def main() -> None:
             out_bytes = sum(p.stat().st_size for p in (root / "big_out").glob("*.safetensors"))
             result["big"] = {"params": n_params, "layers": cfg["num_hidden_layers"], "hidden": cfg["hidden_size"],
                              "float_bytes": size, "write_seconds": t_write, "stream_seconds": r["seconds"],
-                             "peak_rss_bytes": r["peak_rss_bytes"], "output_bytes": out_bytes}
+                             "peak_rss_bytes": r["peak_rss_bytes"], "output_bytes": out_bytes,
+                             "unit_seconds": r["summary"].get("unit_seconds", {})}
+            blocks = [v for k, v in result["big"]["unit_seconds"].items() if k.startswith("layer")]
+            per_block = sum(blocks) / max(len(blocks), 1)
+            full_layers = llama_config(args.params, None, args.quick)["num_hidden_layers"]
+            rest = r["seconds"] - sum(blocks)
+            result["big"]["seconds_per_block"] = per_block
+            result["big"]["full_depth_layers"] = full_layers
+            result["big"]["full_depth_estimate_seconds"] = rest + per_block * full_layers
             shutil.rmtree(src, ignore_errors=True)
             shutil.rmtree(root / "big_out", ignore_errors=True)
             if not args.json:
@@ -193,6 +204,11 @@ def main() -> None:
                       f"{size / 1e9:.1f} GB float32 shards written in {t_write:.0f} s")
                 print(f"  streamed {args.recipe}: {b['stream_seconds']:.0f} s, peak RSS {b['peak_rss_bytes'] / 2**30:.2f} GiB "
                       f"(target <= 4 GB: {'met' if b['peak_rss_bytes'] <= 4e9 else 'MISSED'}), output {out_bytes / 1e9:.2f} GB")
+                print(f"  per unit (s): " + ", ".join(f"{k} {v:.0f}" for k, v in b["unit_seconds"].items()))
+                if b["layers"] != b["full_depth_layers"]:
+                    print(f"  {b['seconds_per_block']:.0f} s per block: the full {b['full_depth_layers']}-layer model "
+                          f"(--params {args.params:.3g}) would take about {b['full_depth_estimate_seconds'] / 60:.0f} min "
+                          "at the same peak memory (one block resident at a time)")
         if not args.skip_overhead:
             small = llama_config(0, 2 if args.quick else 4, True)
             if not args.quick:

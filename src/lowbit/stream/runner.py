@@ -196,8 +196,10 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, recipe: 
     bar = tqdm(total=len(units), initial=start, desc="lowbit quantize", unit="block", file=sys.stderr,
                disable=not progress or tqdm is None) if tqdm is not None else None
     kill = os.environ.get(_KILL, "")
+    unit_seconds: dict[str, float] = {}
     for i in range(start, len(units)):
         unit = units[i]
+        t_unit = time.perf_counter()
         if bar is not None:
             bar.set_postfix_str(f"{unit}, rss {_rss() / 2**30:.2f} GiB")
         if unit == "head":
@@ -234,6 +236,7 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, recipe: 
                     for b, t in enumerate(new[s]):
                         out.save_state(f"acts-{i}/{s}-{b:05d}.pt", t)
                 new[s] = Acts(new[s])
+        unit_seconds[unit] = round(time.perf_counter() - t_unit, 3)
         out.mark_done(unit, {"seconds": round(time.perf_counter() - t0, 3)})
         if kill == f"{i}:done":
             os.kill(os.getpid(), signal.SIGKILL)
@@ -253,6 +256,7 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, recipe: 
         header, _ = read_header(dst / out.shard_name(i))
         weight_map.update({k: out.shard_name(i) for k in header if k != "__metadata__"})
     summary = out_summary(out, dst, units, recipe, t0, resumed=start, spill=spill)
+    summary["unit_seconds"] = unit_seconds
     out.finish(src, type(model).__qualname__, weight_map, summary)
     return summary
 
