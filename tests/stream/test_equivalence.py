@@ -1,5 +1,6 @@
 """Streaming gives the in-memory result: same tensors (codes, scales, norms) as Recipe.apply on the
-whole model with the same calibration batches, and the same logits after lb.load into a meta model."""
+whole model with the same calibration batches, and the same logits after lb.load into a meta model.
+Recipes: round to nearest, GPTQ, AWQ + GPTQ, SmoothQuant + static int8 activations (lb.calibrate)."""
 import pytest
 import torch
 
@@ -16,7 +17,7 @@ def _compare(ref, q):
 
 
 @pytest.mark.parametrize("fixture,recipe", [("qwen2_dir", "w4g128"), ("llama_dir", "w4g128-gptq"),
-                                            ("llama_dir", "w4g128-awq-gptq")])
+                                            ("llama_dir", "w4g128-awq-gptq"), ("qwen2_dir", "w8a8-smooth")])
 def test_same_codes_and_logits_as_in_memory(request, tmp_path, calib, fixture, recipe):
     src, model = request.getfixturevalue(fixture)
     r = lb.recipes.get(recipe)

@@ -49,7 +49,7 @@ def serialize(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> byt
     chunks, offset = [], 0
     for name in sorted(tensors):
         t = tensors[name].detach().to("cpu").contiguous()
-        raw = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
         header[name] = {"dtype": _ST_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
         chunks.append(raw)
         offset += len(raw)

@@ -153,11 +153,12 @@ def process(shell: nn.Module, steps: list[Step], recipe: Recipe, inputs: dict, s
                 if "no layer was quantized" not in str(e):
                     raise
         elif step.kind == "calibrate":
-            if _quantized(shell) and any(isinstance(m, QuantLayer) for m in shell.modules()):
-                with calibrate(shell):
-                    res = _run(shell, batches, lambda y, s=step.stream: sink(s, y)) if outputs else None
+            keep = (lambda y, s=step.stream: sink(s, y)) if outputs else (lambda y: None)
+            if any(isinstance(m, QuantLayer) for m in shell.modules()):
+                with calibrate(shell):   # the pass is the calibration (the last unit's outputs are dropped)
+                    res = _run(shell, batches, keep)
             else:
-                res = _run(shell, batches, lambda y, s=step.stream: sink(s, y)) if outputs else None
+                res = _run(shell, batches, keep) if outputs else None
             if outputs:
                 out[step.stream] = res
         elif step.kind == "gptq":
