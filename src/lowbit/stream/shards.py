@@ -50,7 +50,8 @@ class ShardReader:
         self.files = files
         for path in files:
             header, _ = read_header(path)   # raises naming the file if it is truncated or not safetensors
-            (n,) = struct.unpack("<Q", path.open("rb").read(8))
+            with path.open("rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
             for name, entry in header.items():
                 if name != "__metadata__":
                     self.entries[name] = (path, entry, 8 + n)
