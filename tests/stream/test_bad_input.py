@@ -115,3 +115,12 @@ def test_load_refuses_an_unfinished_directory(tmp_path, llama_dir, calib):
     (tmp_path / "o" / "lowbit-progress.json").write_text("{}")
     with pytest.raises(ValueError, match="without lowbit.index.json.*interrupted"):
         lb.load(tmp_path / "o", meta_model(llama_dir[0]))
+
+
+def test_tied_embeddings_are_refused_clearly(tmp_path, llama_dir):
+    d = _copy(llama_dir[0], tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["tie_word_embeddings"] = True
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="tie_word_embeddings.*in memory"):
+        lb.quantize_checkpoint(d, tmp_path / "o", lb.recipes.get("w4g128"), progress=False)
