@@ -15,6 +15,7 @@ LAYERS = {
     "cli": 6, "__main__": 6,
     "zoo": 5,   # built-in data and models: imports no other lowbit module
     "transformer": 5,
+    "stream": 5,   # streamed checkpoint quantization: recipes, gptq, checkpoint writer
     "__init__": 7,
 }
 SRC = pathlib.Path(lowbit.__file__).parent

@@ -8,6 +8,7 @@ from .gptq import GPTQReport, gptq
 from .qtensor import QTensor
 from .quantize import QuantInfo, calibrate, freeze, quant_layers, quantize
 from .spec import PerChannel, PerGroup, PerTensor, PerToken, QuantSpec
+from .stream import quantize_checkpoint
 
 __version__ = "0.1.0"
 
@@ -16,6 +17,6 @@ __all__ = [
     "QTensor", "QuantSpec", "PerTensor", "PerChannel", "PerGroup", "PerToken",
     "quantize", "calibrate", "freeze", "quant_layers", "QuantInfo", "coverage", "Coverage", "save", "load", "integer",
     "gptq", "GPTQReport", "export", "export_onnx", "export_gguf", "export_compressed_tensors",
-    "load_compressed_tensors",
+    "load_compressed_tensors", "quantize_checkpoint",
     "__version__",
 ]

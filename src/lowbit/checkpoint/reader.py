@@ -21,6 +21,7 @@ from ..modules.tree import set_module
 from ..quantize import QuantInfo, quant_embeddings, quant_layers, quantize
 from ..transforms.smooth_quant import SmoothedLinear
 from .fileformat import BUFFER_PREFIX, dtype_name, read_quant_map, read_tensors, spec_from_dict
+from .sharded import read_sharded
 
 __all__ = ["load"]
 
@@ -218,7 +219,8 @@ def _still_meta(q: nn.Module) -> list[str]:
 
 @torch.inference_mode(False)   # what it builds stays ordinary tensors when called inside inference_mode
 def load(path: str | os.PathLike, model_like: nn.Module) -> nn.Module:
-    """Rebuild the quantized model saved at ``path`` on ``model_like`` (a float model of the same
+    """Rebuild the quantized model saved at ``path`` (a file of ``lb.save``, or the directory of a
+    finished ``lb.quantize_checkpoint``) on ``model_like`` (a float model of the same
     architecture, left untouched) and return it; its outputs are bit-identical to the saved model's.
 
     ``model_like`` may be built on the ``meta`` device (``with torch.device("meta"): model = ...``
@@ -237,14 +239,17 @@ def load(path: str | os.PathLike, model_like: nn.Module) -> nn.Module:
         raise ValueError("model_like must be the float model (lb.load quantizes it as the checkpoint says); "
                          "got an already quantized model")
     path = Path(path)
-    qmap = read_quant_map(path)
     meta = any(t.device.type == "meta" for t in list(model_like.parameters()) + list(model_like.buffers()))
-    try:   # into a meta model: plain reads (no memory map that would keep the file resident)
-        raw = read_tensors(path) if meta else safetensors.torch.load_file(str(path))
-    except ValueError:
-        raise
-    except Exception as e:  # noqa: BLE001 - safetensors raises its own error type
-        raise ValueError(f"{str(path)!r} could not be read as safetensors (damaged file?): {e}") from e
+    if path.is_dir():   # a sharded checkpoint (lb.quantize_checkpoint)
+        qmap, raw = read_sharded(path, meta)
+    else:
+        qmap = read_quant_map(path)
+        try:   # into a meta model: plain reads (no memory map that would keep the file resident)
+            raw = read_tensors(path) if meta else safetensors.torch.load_file(str(path))
+        except ValueError:
+            raise
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error type
+            raise ValueError(f"{str(path)!r} could not be read as safetensors (damaged file?): {e}") from e
     try:
         specs = [spec_from_dict(d) for d in qmap["specs"]]
     except (KeyError, TypeError) as e:

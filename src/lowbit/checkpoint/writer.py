@@ -150,6 +150,17 @@ def save(q: nn.Module, path: str | os.PathLike) -> Path:
         log.warning("lowbit: %d of %d quantized layers are not frozen (%s...): saving their float master weights; "
                     "call lb.freeze(q) first for a compact integer checkpoint", len(unfrozen), len(layers + tables),
                     unfrozen[0])
+    tensors, metadata = payload(q)
+    data = _serialize(tensors, metadata)
+    atomic_write(path, data)
+    return Path(path)
+
+
+def payload(q: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and the safetensors metadata (quantization map) ``save`` writes for ``q``, without
+    the checks on ``q`` (used by the streaming writer for parts of a model, some of them float)."""
+    layers = quant_layers(q)
+    tables = quant_embeddings(q)
     from .. import __version__  # the package root is imported by the time anyone calls save
 
     info: QuantInfo | None = getattr(q, "lowbit_info", None)
@@ -178,7 +189,4 @@ def save(q: nn.Module, path: str | os.PathLike) -> Path:
     except TypeError as e:
         raise TypeError(f"the quantization map is not JSON-serializable ({e}); observer_options must hold "
                         "plain numbers, strings, lists and dicts") from e
-    data = _serialize(tensors, {"format": "lowbit", META_KEY: meta})
-    atomic_write(path, data)
-    return Path(path)
-
+    return tensors, {"format": "lowbit", META_KEY: meta}

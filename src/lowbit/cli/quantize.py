@@ -9,6 +9,10 @@ calibrated on --calibration FILE.pt: torch.save(x) of a tensor of inputs (N, ...
 calibration. --test FILE.pt (a tensor of inputs, or (inputs, labels)) adds accuracy and the
 agreement with the float model; without it they are measured on the calibration inputs.
 
+--checkpoint DIR (a Hugging Face model directory) instead of --model quantizes the checkpoint block
+by block at bounded memory into the directory --out (:func:`lowbit.quantize_checkpoint`; resumable;
+--calibration is then a file of token ids or a .txt file, --memory-budget a size such as 4G).
+
 --model minilm (the sentence-embedding transformer) is handled by :mod:`lowbit.cli._minilm`:
 it evaluates embedding agreement and encode speed, and --out is optional.
 """
@@ -16,7 +20,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import _minilm, _user as _user_model
+from . import _checkpoint, _minilm, _user as _user_model
 from ._args import fmt, is_factory, positive_int
 
 NAME = "quantize"
@@ -28,9 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..demo import BUILTIN_MODELS
     from ..recipes import names
 
-    p.add_argument("--model", required=True, metavar="NAME|package.module:factory",
+    p.add_argument("--model", metavar="NAME|package.module:factory",
                    help=f"a built-in model ({', '.join(sorted(BUILTIN_MODELS))}), a user model factory or a "
-                   "Hugging Face model directory")
+                   "Hugging Face model directory (or --checkpoint DIR)")
     p.add_argument("--recipe", default="w8a8", metavar="NAME", help=f"one of {', '.join(names())} (default w8a8)")
     p.add_argument("--out", metavar="PATH", help="checkpoint to write (.safetensors); its directory must exist "
                    "(required, except with --model minilm)")
@@ -44,11 +48,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--include", action="append", metavar="GLOB", help="quantize only these modules (repeatable)")
     p.add_argument("--exclude", action="append", metavar="GLOB", help="keep these modules float (repeatable)")
     _minilm.add_arguments(p)
+    _checkpoint.add_arguments(p)
 
 
 def run(args: argparse.Namespace) -> dict:
     from .. import demo, recipes
 
+    if args.checkpoint is not None:
+        return {"checkpoint": args.checkpoint, **_checkpoint.run(args)}
+    if args.model is None:
+        raise ValueError("--model (a built-in or user model) or --checkpoint (a Hugging Face directory) is required")
+    if args.memory_budget is not None or args.no_resume:
+        raise ValueError("--memory-budget and --no-resume apply to --checkpoint only")
     if args.model == _minilm.NAME:
         with demo.torch_threads(args.threads):
             return _minilm.run(args)
@@ -97,6 +108,8 @@ def _user(args: argparse.Namespace, recipe) -> dict:
 
 
 def render(result: dict) -> str:
+    if "checkpoint" in result:
+        return _checkpoint.render(result)
     if result.get("model") == _minilm.NAME:
         return _minilm.render(result)
     lines = [f"wrote {result['out']}: {result['size_bytes']:,} bytes ({result['ratio']:.1f}x smaller than the "
