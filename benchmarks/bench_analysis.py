@@ -101,7 +101,7 @@ def bench_full(name: str) -> list[dict]:
     ]
 
 
-def bench_certify(name: str, inputs: int | None, attack_steps: int = 10) -> list[dict]:
+def bench_certify(name: str, inputs: int | None, attack_steps: int = 10, w4_inputs: int | None = None) -> list[dict]:
     """Certified fraction under worst-case rounding beside the first-order limit (an estimate of
     what a sound certificate can reach) and the attack ceiling (the inputs an adversarial rounding
     search does not flip: an upper limit), their ratio, and the time per 1,000 inputs."""
@@ -109,8 +109,10 @@ def bench_certify(name: str, inputs: int | None, attack_steps: int = 10) -> list
     x = data.x_test[:inputs] if inputs else data.x_test
     rows = []
     goals = {"digits": (0.90, ">= 90%"), "mnist1d": (0.40, ">= 40%")}
+    x8 = x
     for label, w in (("W8A8", W8), ("W4A8", W4)):
         q = _quantized(model, data, w, A8)
+        x = x8[:w4_inputs] if label == "W4A8" and w4_inputs else x8
         t, c = time.perf_counter(), time.process_time()
         cert = certify(model, q, x)
         secs, cpu = time.perf_counter() - t, time.process_time() - c
@@ -251,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--certify-only", action="store_true", help="only the certified-prediction rows (issue 15)")
     p.add_argument("--quick", action="store_true", help="certify the first 100 test inputs only")
     p.add_argument("--inputs", type=int, default=None, help="certify the first INPUTS test inputs only")
+    p.add_argument("--w4-inputs", type=int, default=None, help="certify only the first W4_INPUTS for the W4A8 rows")
     p.add_argument("--attack-steps", type=int, default=10, help="steps of the adversarial rounding search (ceiling)")
     args = p.parse_args(argv)
     if args.threads:
@@ -259,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     print(head, file=sys.stderr)
     rows = []
     for name in ("digits", "mnist1d"):
-        rows += bench_certify(name, 100 if args.quick else args.inputs, args.attack_steps)
+        rows += bench_certify(name, 100 if args.quick else args.inputs, args.attack_steps, args.w4_inputs)
     if not args.certify_only:
         for name in ("digits", "mnist1d"):
             rows += bench_full(name)
