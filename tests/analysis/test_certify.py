@@ -47,7 +47,7 @@ def _rounded(q, x, mode, gen):
 
 
 def _check(m, q, x, rounding="worst", draws=DRAWS, refine=True):
-    c = certify(m, q, x, rounding=rounding, refine=refine)
+    c = certify(m, q, x, rounding=rounding, refine=refine, attack=20 if rounding == "worst" else 0)
     assert c.available, c.unsupported
     with torch.no_grad():
         zf, zq = m(x).double(), q(x).double()
@@ -60,6 +60,13 @@ def _check(m, q, x, rounding="worst", draws=DRAWS, refine=True):
 
     ok, _ = inside(zq)
     assert ok, "q's own rounding is outside the bounds"
+    if c.attack is not None:
+        # the adversarial rounding search (gradient steps within every half step) stays inside too
+        t_ = t.reshape(-1)
+        found = (c.attack.worst - c.margin).scatter(1, t, 0.0)
+        assert bool((found >= c.lower - 1e-9).all()), float((c.lower - found).max())
+        assert not bool((c.certified & c.attack.falsified).any())
+        assert c.as_dict()["attack_below_bound"] == 0 and c.attack.top.equal(t_)
     if rounding == "worst":
         gen = torch.Generator().manual_seed(0)
         reps = 50
@@ -187,3 +194,35 @@ def test_bad_input(rescnn, quantized):
         certify(m, q, x, rounding="up")
     with pytest.raises(ValueError, match="refine"):
         certify(m, q, x, refine=-1)
+
+
+def test_rounding_attack_reaches_the_closed_form_worst_case_of_a_linear_model():
+    """Two classes, a linear model: the worst admissible rounding moves z_0 - z_1 by exactly
+    sum |w_0 - w_1| s / 2 (every input inside the grid's range); the search must find it, and
+    never go past it (it only tries admissible roundings)."""
+    from lowbit.analysis import rounding_attack
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(12, 2)).eval()
+    q = lb.quantize(m, weights=lb.QuantSpec(bits=8, granularity=lb.PerChannel(0)),
+                    activations=lb.QuantSpec(bits=6, symmetric=False))
+    x = torch.randn(64, 12)
+    with lb.calibrate(q):
+        q(x)
+    q.eval()
+    top = m(x).argmax(1)
+    a = rounding_attack(q, x, top, steps=5)
+    w = q[0].quantized_weight().double()
+    b = q[0].bias.double()
+    aq = q[0].input_quant
+    s, z = float(aq.scale), float(aq.zero_point)
+    bot, top_ = (aq.spec.qmin - z) * s, (aq.spec.qmax - z) * s
+    sign = torch.where(top == 0, 1.0, -1.0).double().unsqueeze(1)        # z_t - z_k = sign (z_0 - z_1)
+    dw = sign * (w[0] - w[1])
+    # each input element rounded half a step against dw, clipped at the grid's ends
+    worst_x = (x.double() - dw.sign() * s / 2).clamp(bot, top_)
+    expect = (dw * worst_x).sum(1) + sign.squeeze(1) * (b[0] - b[1])
+    got = a.worst.gather(1, (1 - top).reshape(-1, 1)).squeeze(1)
+    torch.testing.assert_close(got, expect, rtol=1e-4, atol=1e-4)
+    assert a.falsified.equal(expect <= 0) or bool((expect.abs() < 1e-4).any())
+    with pytest.raises(ValueError, match="steps"):
+        rounding_attack(q, x, top, steps=0)

@@ -86,15 +86,20 @@ class Elementwise(Back):
 
     def __init__(self, s_lo, c_lo, s_up, c_up, slack: torch.Tensor | None = None) -> None:
         self.s_lo, self.s_up = s_lo, s_up
-        self.mid = (c_lo + c_up) / 2
-        self.rad = (c_up - c_lo) / 2 + (slack if slack is not None else 0)
+        self.ds = None if s_lo is s_up else s_up - s_lo
+        # lam c_up where lam >= 0, lam c_lo elsewhere (each widened by the slack):
+        # lam . (c_lo - slack) + max(lam, 0) . (c_up - c_lo + 2 slack)
+        extra = slack if slack is not None else 0
+        self.base = c_lo - extra
+        self.width = (c_up - c_lo) + 2 * extra
 
     def back(self, lam):
-        if self.s_lo is self.s_up:
+        pos = lam.clamp_min(0)
+        if self.ds is None:
             out = lam * self.s_up
         else:   # lam * s_up where lam >= 0, lam * s_lo elsewhere
-            out = lam * self.s_lo + lam.clamp_min(0) * (self.s_up - self.s_lo)
-        return [out], dot(lam, self.mid) + dot(lam.abs(), self.rad)
+            out = lam * self.s_lo + pos * self.ds
+        return [out], dot(lam, self.base) + dot(pos, self.width)
 
 
 class Chain(Back):
