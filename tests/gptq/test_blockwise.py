@@ -9,6 +9,7 @@ from torch import nn
 import lowbit as lb
 from lowbit.gptq import blockwise, driver
 from lowbit.gptq.blockwise import capture_inputs, gptq_block, next_inputs
+from lowbit.quantize import quant_layers
 
 pytest.importorskip("transformers")
 from _tiny_models import tiny_llama  # noqa: E402
@@ -73,7 +74,7 @@ def test_blockwise_gives_exactly_the_weights_of_the_full_model_passes(monkeypatc
         assert torch.equal(w_new[name], w_old[name]), name
     assert [r.name for r in r_new.layers] == [r.name for r in r_old.layers]
     assert r_new.unreached == r_old.unreached == []
-    assert all(layer.weight_quant.fixed for _, layer in lb.quantize.__globals__["quant_layers"](q_new))
+    assert all(layer.weight_quant.fixed for _, layer in quant_layers(q_new))
 
 
 def _live_activations(shape):
@@ -125,10 +126,10 @@ def test_chain_is_refused_when_the_blocks_are_not_a_plain_chain():
     x = torch.randn(3, 7, 24)
     for cls in (Skip, InPlace):
         q = lb.quantize(cls(n=3), weights=W4G)
-        layers = dict((m, n) for n, m in lb.quantize.__globals__["quant_layers"](q))
+        layers = dict((m, n) for n, m in quant_layers(q))
         assert not blockwise.chain_plan(q, list(q.blocks), x, layers), cls.__name__
     q = lb.quantize(Chain(n=3), weights=W4G)
-    layers = dict((m, n) for n, m in lb.quantize.__globals__["quant_layers"](q))
+    layers = dict((m, n) for n, m in quant_layers(q))
     assert blockwise.chain_plan(q, list(q.blocks), x, layers)
 
 
