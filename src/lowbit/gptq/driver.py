@@ -126,9 +126,13 @@ def _quantize_layer(name: str, layer: QuantLayer, hess: Hessian, damp: float, bl
     hsum = hess.sum
     groups = hsum.shape[0]
     rows = w.shape[0]
-    # round to nearest on the layer's own grid, for the report
+    # round to nearest on the layer's own grid, for the report (its copy freed before the solve)
     s_rtn, z_rtn = wq_mod.qparams(layer.weight)
     w_rtn = ops.fake_quantize(w, spec.replace(rounding="nearest"), s_rtn, z_rtn)
+    dw = w - w_rtn
+    del w_rtn
+    rtn_error = output_error(dw, hsum, hess.n)
+    del dw
     # a per-tensor grid is one grid for all the GEMM groups of a grouped convolution
     grid = ops.choose_qparams(w, spec, wq_mod.observer, **wq_mod.observer_options) \
         if groups > 1 and isinstance(spec.granularity, PerTensor) else None
@@ -143,12 +147,13 @@ def _quantize_layer(name: str, layer: QuantLayer, hess: Hessian, damp: float, bl
                                wq_mod.observer_options, damp=damp, block_size=block_size, act_order=act_order,
                                grid=grid)
         outs.append(out), scales.append(s), zps.append(z), lams.append(lam)
-    w_q = torch.cat(outs)
+    w_q = outs[0] if groups == 1 else torch.cat(outs)
+    del outs
     if groups == 1 or scales[0].dim() == 0:
         scale, zero_point = scales[0], zps[0]
     else:
         scale, zero_point = torch.cat(scales), torch.cat(zps)
-    errors = {"rtn_error": output_error(w - w_rtn, hsum, hess.n), "gptq_error": output_error(w - w_q, hsum, hess.n),
+    errors = {"rtn_error": rtn_error, "gptq_error": output_error(w - w_q, hsum, hess.n),
               "output_power": output_error(w, hsum, hess.n)}
     with torch.no_grad():
         layer.weight.copy_(w_q.reshape(weight.shape).to(weight.dtype))
