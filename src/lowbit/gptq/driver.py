@@ -16,6 +16,8 @@ pending layer; layers no batch reaches keep round to nearest and are listed as `
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import fnmatch
 import logging
 import time
@@ -37,6 +39,22 @@ from .solver import check_spec, solve
 __all__ = ["gptq"]
 
 log = logging.getLogger(__name__)
+
+
+_RESTORE_COPY = contextvars.ContextVar("lowbit_gptq_restore_copy", default=True)
+
+
+@contextlib.contextmanager
+def without_restore_copy():
+    """Inside this context ``lb.gptq`` keeps no copy of the float weights to restore if it fails
+    (the grids are still restored). For a caller that throws the model away on failure anyway:
+    streamed quantization (:mod:`lowbit.stream`) drops the unit and redoes it from the shards,
+    and the copy, a whole block's float weights, would sit beside GPTQ's largest Hessian."""
+    token = _RESTORE_COPY.set(False)
+    try:
+        yield
+    finally:
+        _RESTORE_COPY.reset(token)
 
 
 class _Stop(Exception):
@@ -258,7 +276,8 @@ def gptq(q: nn.Module, batches: Iterable, *, damp: float = 0.01, block_size: int
         keep_grid: layers whose grid is already pinned (``weight_quant.fix_qparams``, e.g. by the
             ``gguf_grid`` transform) keep it; GPTQ then only chooses the codes.
 
-    Returns a :class:`GPTQReport`. If anything fails, every layer's weight and grid is restored.
+    Returns a :class:`GPTQReport`. If anything fails, every layer's weight and grid is restored
+    (the weights from a copy made up front; :func:`without_restore_copy` skips it).
     """
     if not isinstance(q, nn.Module):
         raise TypeError(f"q must be a torch.nn.Module from lb.quantize, got {type(q).__name__}")
@@ -276,8 +295,9 @@ def gptq(q: nn.Module, batches: Iterable, *, damp: float = 0.01, block_size: int
     pending = {layer: name for name, layer in selected}
     device = next((t.device for t in q.parameters()), torch.device("cpu"))
 
-    backup = {layer: (layer.weight.detach().clone(), layer.weight_quant.scale, layer.weight_quant.zero_point,
-                      layer.weight_quant.fixed) for layer in pending}
+    keep = _RESTORE_COPY.get()
+    backup = {layer: (layer.weight.detach().clone() if keep else None, layer.weight_quant.scale,
+                      layer.weight_quant.zero_point, layer.weight_quant.fixed) for layer in pending}
     report = GPTQReport()
     t_start = time.perf_counter()
     was_training = q.training
@@ -311,7 +331,8 @@ def gptq(q: nn.Module, batches: Iterable, *, damp: float = 0.01, block_size: int
         if not ok:
             with torch.no_grad():
                 for layer, (w, s, z, fixed) in backup.items():
-                    layer.weight.copy_(w)
+                    if w is not None:
+                        layer.weight.copy_(w)
                     layer.weight_quant.scale, layer.weight_quant.zero_point = s, z
                     layer.weight_quant.fixed = fixed
     if report.unreached:
