@@ -100,7 +100,7 @@ def main() -> None:
     wrap(output.Output, "write_unit", ph, lambda self, i, shell: f"write[{i}]")
     wrap(driver, "_quantize_layer", ph, lambda name, *a, **k: f"layer[{name}]")
     wrap(driver, "solve", ph, "solve")
-    wrap(solver, "inverse_hessian_factor", ph, "factor")
+    wrap(solver, "_factor", ph, "factor")
     wrap(driver, "output_error", ph, "output_error")
     print(f"{'phase (rows print as each phase ends)':<70} {'rss start':>10} {'peak':>8} {'s':>7}", flush=True)
     cfg = json.loads((Path(args.src) / "config.json").read_text())

@@ -91,7 +91,7 @@ def _factor(h: torch.Tensor, damp: float, perm: torch.Tensor | None, dtype: torc
     input of a 3B model's ``down_proj``, 600 MB each). The reversed, permuted, damped matrix is
     gathered from ``h`` in column chunks straight into a column-major float64 buffer (LAPACK's
     layout), factorized there in place (``cholesky_ex(out=)``); ``L^-1`` is solved in place of a
-    column-major identity (``solve_triangular(out=)``) and flipped into ``U`` in row chunks. The
+    column-major identity (``solve_triangular(out=)``), checked finite and flipped into ``U`` in chunks. The
     arithmetic (the same matrix, one ``potrf``, one ``trsm`` against the identity) is that of
     ``cholesky_ex(J H J + lambda I)`` and ``solve_triangular(L, I)``, so ``U`` is bit for bit the same.
     """
@@ -121,7 +121,8 @@ def _factor(h: torch.Tensor, damp: float, perm: torch.Tensor | None, dtype: torc
             inv = torch.zeros(d, d, dtype=torch.float64, device=dev).T   # column-major identity
             inv.diagonal().fill_(1.0)
             torch.linalg.solve_triangular(buf, inv, upper=False, out=inv)
-            if bool(torch.isfinite(inv).all()):
+            # finite, checked in column chunks (isfinite on the whole matrix makes float64 temporaries of it)
+            if all(bool(torch.isfinite(inv[:, c:c + step]).all()) for c in range(0, d, step)):
                 del buf
                 u = torch.empty(d, d, dtype=dtype, device=dev)
                 for r in range(0, d, step):   # U = J L^-1 J, row chunk by row chunk
