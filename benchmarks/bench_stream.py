@@ -255,7 +255,8 @@ def main() -> None:
                 what = "complete" if complete else f"stopped after the head and {args.blocks} decoder layers (--blocks)"
                 print(f"  streamed {args.recipe}, {what}: {b['stream_seconds']:.0f} s, peak RSS "
                       f"{b['peak_rss_bytes'] / 2**30:.2f} GiB = {b['peak_rss_bytes'] / 1e9:.2f} GB (target <= 4 GB: "
-                      f"{'met' if b['peak_rss_bytes'] <= 4e9 else 'MISSED'}), output so far {out_bytes / 1e9:.2f} GB")
+                      f"{'met' if b['peak_rss_bytes'] <= 4e9 else 'MISSED'}), output {'' if complete else 'so far '}"
+                      f"{out_bytes / 1e9:.2f} GB")
                 print("  per unit: " + ", ".join(f"{k} {v:.0f} s" for k, v in unit_seconds.items()))
                 if b["peak_rss_by_unit"]:
                     print("  peak RSS by the end of each unit (GiB): " + ", ".join(
