@@ -149,7 +149,8 @@ def _vm_hwm(pid: int) -> int:
 def _measure(kind: str, src: Path, dst: Path, calib: Path, recipe: str, quiet: bool, blocks: int | None = None) -> dict:
     """One run in a fresh process; its peak RSS from ``wait4`` (exactly what ``/usr/bin/time -v``
     reports), and for a streamed run each unit's wall time and the peak RSS reached by its end
-    (``lowbit-progress.json`` and ``VmHWM`` polled every 0.2 s). ``blocks``: stop the streamed run
+    (``lowbit-progress.json`` and ``VmHWM`` polled every 0.2 s; the first unit's time includes the
+    process start-up and the skeleton). ``blocks``: stop the streamed run
     once the head and ``blocks`` decoder layers are done (the runner's kill hook, exactly as a power
     loss there: ``dst`` is left resumable)."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", kind, "--src", str(src), "--dst", str(dst),
@@ -162,9 +163,7 @@ def _measure(kind: str, src: Path, dst: Path, calib: Path, recipe: str, quiet: b
     progress, units, seen = dst / "lowbit-progress.json", [], 0
     while True:
         pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            break
-        hwm = _vm_hwm(proc.pid)
+        hwm = usage.ru_maxrss * 1024 if pid else _vm_hwm(proc.pid)   # gone: its final peak
         try:
             done = json.loads(progress.read_text())["done"] if kind == "stream" else []
         except (OSError, ValueError, KeyError):
@@ -172,6 +171,8 @@ def _measure(kind: str, src: Path, dst: Path, calib: Path, recipe: str, quiet: b
         for unit in done[seen:]:
             units.append({"unit": unit, "done_at_s": time.perf_counter() - t0, "peak_rss_bytes_so_far": hwm})
         seen = max(seen, len(done))
+        if pid:
+            break
         time.sleep(0.2)
     wall = time.perf_counter() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)
