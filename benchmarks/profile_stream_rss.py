@@ -6,9 +6,12 @@ writes) and prints, per phase, the resident memory at its start and the peak rea
 (``ru_maxrss`` read at every phase boundary, so a short-lived spike is attributed exactly; a 2 ms
 ``/proc/self/statm`` sampler gives the current RSS).
 
-    python benchmarks/profile_stream_rss.py SRC_DIR [--recipe w4g128-gptq] [--seqs 32] [--seq-len 256]
+    PYTHONPATH=src python benchmarks/profile_stream_rss.py [SRC_DIR] [--layers 2] [--recipe w4g128-gptq]
+                                                           [--seqs 32] [--seq-len 256] [--threads 1]
 
-``SRC_DIR`` is a checkpoint written by ``bench_stream.py --keep`` (or any HF Llama directory).
+``SRC_DIR`` is any Hugging Face Llama directory; without it, a random-init float32 checkpoint of
+the 3B width (hidden 3200, MLP 8640, vocab 32000) with ``--layers`` layers is written to a
+temporary directory (``bench_stream.write_checkpoint``) and deleted afterwards.
 """
 from __future__ import annotations
 
@@ -49,9 +52,11 @@ class Phases:
 
     def _sample(self) -> None:
         while not self.stop:
-            r, p = _rss(), "/".join(self.stack)
-            if r > self.sampled.get(p, 0):
-                self.sampled[p] = r
+            r, stack = _rss(), list(self.stack)
+            for k in range(1, len(stack) + 1):   # a phase's peak includes its inner phases'
+                p = "/".join(stack[:k])
+                if r > self.sampled.get(p, 0):
+                    self.sampled[p] = r
             time.sleep(0.002)
 
     @contextlib.contextmanager
@@ -81,7 +86,8 @@ def wrap(module, attr: str, phases: Phases, label) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("src")
+    ap.add_argument("src", nargs="?", default=None)
+    ap.add_argument("--layers", type=int, default=2, help="layers of the written checkpoint (no SRC_DIR)")
     ap.add_argument("--recipe", default="w4g128-gptq")
     ap.add_argument("--seqs", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=256)
@@ -103,6 +109,13 @@ def main() -> None:
     wrap(solver, "_factor", ph, "factor")
     wrap(driver, "output_error", ph, "output_error")
     print(f"{'phase (rows print as each phase ends)':<70} {'rss start':>10} {'peak':>8} {'s':>7}", flush=True)
+    scratch = None
+    if args.src is None:
+        import bench_stream
+
+        scratch = Path(tempfile.mkdtemp(prefix="rss_prof_src_"))
+        args.src = str(scratch)
+        bench_stream.write_checkpoint(bench_stream.llama_config(3e9, args.layers, False), scratch)
     cfg = json.loads((Path(args.src) / "config.json").read_text())
     calib = torch.randint(0, cfg["vocab_size"], (args.seqs, args.seq_len), generator=torch.Generator().manual_seed(1))
     dst = Path(args.dst or tempfile.mkdtemp(prefix="rss_prof_"))
@@ -111,9 +124,12 @@ def main() -> None:
     wall = time.perf_counter() - t0
     ph.stop = True
     print(f"peak RSS {_maxrss() / 2**30:.2f} GiB, wall {wall:.0f} s; units {summary.get('unit_seconds')}")
+    import shutil
+
     if args.dst is None:
-        import shutil
         shutil.rmtree(dst, ignore_errors=True)
+    if scratch is not None:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 if __name__ == "__main__":
