@@ -7,13 +7,15 @@
    int8 embeddings) on 32 x 256-token calibration sequences in a fresh process, and prints that
    process's peak resident memory (``ru_maxrss`` of the child, as ``/usr/bin/time -v`` reports it)
    and wall time. ``--layers N`` keeps the width and uses ``N`` layers (peak memory does not depend
-   on the depth; time grows linearly with it).
+   on the depth; time grows linearly with it). ``--blocks K`` stops the run once the head and
+   ``K`` decoder layers are done (killed there, as a power loss would: the output is resumable) and
+   extrapolates the full run's time from the measured blocks.
 2. **Overhead.** On a small model that fits in memory (hidden 512, 4 layers), the same recipe and
    calibration in memory (``from_pretrained`` -> ``Recipe.apply`` -> ``lb.save``) and streamed
    (``lb.quantize_checkpoint``), each in a fresh process: wall time ratio (target <= 1.3x) and
    both peak RSS values.
 
-    python benchmarks/bench_stream.py [--params 3e9] [--layers N] [--quick] [--json] [--keep DIR]
+    python benchmarks/bench_stream.py [--params 3e9] [--layers N] [--blocks K] [--threads T] [--quick] [--json] [--dir DIR]
 
 ``--quick`` shrinks everything (a 30M-parameter model, 4 x 64-token calibration) for a smoke test.
 The checkpoint goes to a temporary directory (``--dir``) and is deleted at the end.
@@ -132,20 +134,64 @@ def _child(args) -> None:
     print("RESULT " + json.dumps(out))
 
 
-def _measure(kind: str, src: Path, dst: Path, calib: Path, recipe: str, quiet: bool) -> dict:
+def _vm_hwm(pid: int) -> int:
+    """The process's resident high-water mark so far (``VmHWM``), in bytes (0 if unreadable)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _measure(kind: str, src: Path, dst: Path, calib: Path, recipe: str, quiet: bool, blocks: int | None = None) -> dict:
+    """One run in a fresh process; its peak RSS from ``wait4`` (exactly what ``/usr/bin/time -v``
+    reports), and for a streamed run each unit's wall time and the peak RSS reached by its end
+    (``lowbit-progress.json`` and ``VmHWM`` polled every 0.2 s; the first unit's time includes the
+    process start-up and the skeleton). ``blocks``: stop the streamed run
+    once the head and ``blocks`` decoder layers are done (the runner's kill hook, exactly as a power
+    loss there: ``dst`` is left resumable)."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", kind, "--src", str(src), "--dst", str(dst),
            "--calib", str(calib), "--recipe", recipe, "--threads", str(torch.get_num_threads())] + (["--json"] if quiet else [])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent / "src"), str(HERE), os.environ.get("PYTHONPATH", "")])}
+    if blocks is not None:
+        env["_LOWBIT_STREAM_KILL"] = f"{blocks}:done"   # unit `blocks` is decoder layer blocks - 1
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=None if not quiet else subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=None if not quiet else subprocess.PIPE, text=True)
+    progress, units, seen = dst / "lowbit-progress.json", [], 0
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        hwm = usage.ru_maxrss * 1024 if pid else _vm_hwm(proc.pid)   # gone: its final peak
+        try:
+            done = json.loads(progress.read_text())["done"] if kind == "stream" else []
+        except (OSError, ValueError, KeyError):
+            done = []
+        for unit in done[seen:]:
+            units.append({"unit": unit, "done_at_s": time.perf_counter() - t0, "peak_rss_bytes_so_far": hwm})
+        seen = max(seen, len(done))
+        if pid:
+            break
+        time.sleep(0.2)
     wall = time.perf_counter() - t0
-    child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024   # max over children so far
-    if proc.returncode != 0:
-        raise SystemExit(f"{kind} run failed ({proc.returncode}): {proc.stderr[-3000:] if proc.stderr else ''}")
-    line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))
-    res = json.loads(line[7:])
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    out_text = proc.stdout.read()
+    err_text = proc.stderr.read() if proc.stderr is not None else ""
+    killed = blocks is not None and proc.returncode == -9
+    if proc.returncode != 0 and not killed:
+        raise SystemExit(f"{kind} run failed ({proc.returncode}): {err_text[-3000:]}")
+    prev = 0.0
+    for u in units:
+        u["seconds"], prev = u["done_at_s"] - prev, u["done_at_s"]
+    if killed:
+        res = {"seconds": wall, "stopped_after_units": len(units), "summary": {}}
+    else:
+        line = next(l for l in out_text.splitlines() if l.startswith("RESULT "))
+        res = json.loads(line[7:])
     res["process_wall_s"] = wall
-    res["children_max_rss_bytes"] = child
+    res["peak_rss_bytes"] = usage.ru_maxrss * 1024   # this child's own peak (Linux: KiB)
+    res["units"] = units
     return res
 
 
@@ -158,6 +204,8 @@ def main() -> None:
     ap.add_argument("--dir", default=None, help="scratch directory for the checkpoints (default: a temp dir)")
     ap.add_argument("--recipe", default="w4g128-gptq")
     ap.add_argument("--threads", type=int, default=None, help="torch threads in every run (default: torch's)")
+    ap.add_argument("--blocks", type=int, default=None,
+                    help="big run: stop after the head and this many decoder layers (killed there, resumable)")
     ap.add_argument("--skip-big", action="store_true")
     ap.add_argument("--skip-overhead", action="store_true")
     ap.add_argument("--child", choices=["stream", "memory"])
@@ -183,16 +231,19 @@ def main() -> None:
             calib = root / "calib_big.pt"
             torch.save(torch.randint(0, cfg["vocab_size"], (seqs, seq_len), generator=torch.Generator().manual_seed(1)),
                        calib)
-            r = _measure("stream", src, root / "big_out", calib, args.recipe, args.json)
+            r = _measure("stream", src, root / "big_out", calib, args.recipe, args.json, blocks=args.blocks)
             out_bytes = sum(p.stat().st_size for p in (root / "big_out").glob("*.safetensors"))
+            unit_seconds = r["summary"].get("unit_seconds") or {u["unit"]: round(u["seconds"], 1) for u in r["units"]}
+            complete = "stopped_after_units" not in r
             result["big"] = {"params": n_params, "layers": cfg["num_hidden_layers"], "hidden": cfg["hidden_size"],
                              "float_bytes": size, "write_seconds": t_write, "stream_seconds": r["seconds"],
-                             "peak_rss_bytes": r["peak_rss_bytes"], "output_bytes": out_bytes,
-                             "unit_seconds": r["summary"].get("unit_seconds", {})}
-            blocks = [v for k, v in result["big"]["unit_seconds"].items() if k.startswith("layer")]
+                             "complete": complete, "peak_rss_bytes": r["peak_rss_bytes"], "output_bytes": out_bytes,
+                             "unit_seconds": unit_seconds,
+                             "peak_rss_by_unit": {u["unit"]: u["peak_rss_bytes_so_far"] for u in r["units"]}}
+            blocks = [v for k, v in unit_seconds.items() if k.startswith("layer")]
             per_block = sum(blocks) / max(len(blocks), 1)
             full_layers = llama_config(args.params, None, args.quick)["num_hidden_layers"]
-            rest = r["seconds"] - sum(blocks)
+            rest = r["seconds"] - sum(blocks)   # start-up, head (and, when complete, tail and index)
             result["big"]["seconds_per_block"] = per_block
             result["big"]["full_depth_layers"] = full_layers
             result["big"]["full_depth_estimate_seconds"] = rest + per_block * full_layers
@@ -202,13 +253,20 @@ def main() -> None:
                 b = result["big"]
                 print(f"big: {b['params'] / 1e9:.2f}B params ({b['layers']} layers x hidden {b['hidden']}), "
                       f"{size / 1e9:.1f} GB float32 shards written in {t_write:.0f} s")
-                print(f"  streamed {args.recipe}: {b['stream_seconds']:.0f} s, peak RSS {b['peak_rss_bytes'] / 2**30:.2f} GiB "
-                      f"(target <= 4 GB: {'met' if b['peak_rss_bytes'] <= 4e9 else 'MISSED'}), output {out_bytes / 1e9:.2f} GB")
-                print(f"  per unit (s): " + ", ".join(f"{k} {v:.0f}" for k, v in b["unit_seconds"].items()))
-                if b["layers"] != b["full_depth_layers"]:
+                what = "complete" if complete else f"stopped after the head and {args.blocks} decoder layers (--blocks)"
+                print(f"  streamed {args.recipe}, {what}: {b['stream_seconds']:.0f} s, peak RSS "
+                      f"{b['peak_rss_bytes'] / 2**30:.2f} GiB = {b['peak_rss_bytes'] / 1e9:.2f} GB (target <= 4 GB: "
+                      f"{'met' if b['peak_rss_bytes'] <= 4e9 else 'MISSED'}), output {'' if complete else 'so far '}"
+                      f"{out_bytes / 1e9:.2f} GB")
+                print("  per unit: " + ", ".join(f"{k} {v:.0f} s" for k, v in unit_seconds.items()))
+                if b["peak_rss_by_unit"]:
+                    print("  peak RSS by the end of each unit (GiB): " + ", ".join(
+                        f"{k} {v / 2**30:.2f}" for k, v in b["peak_rss_by_unit"].items()))
+                if b["layers"] != b["full_depth_layers"] or not complete:
                     print(f"  {b['seconds_per_block']:.0f} s per block: the full {b['full_depth_layers']}-layer model "
-                          f"(--params {args.params:.3g}) would take about {b['full_depth_estimate_seconds'] / 60:.0f} min "
-                          "at the same peak memory (one block resident at a time)")
+                          f"(--params {args.params:.3g}) would take about {b['full_depth_estimate_seconds'] / 60:.0f} min"
+                          f"{'' if complete else ' plus the tail (lm_head)'} at the same peak memory (one block resident "
+                          "at a time)")
         if not args.skip_overhead:
             small = llama_config(0, 2 if args.quick else 4, True)
             if not args.quick:

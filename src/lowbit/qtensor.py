@@ -94,7 +94,7 @@ class QTensor:
         zero_point = ops.params.as_param(zero_point, "zero_point", torch.int32, q.device)
         ops.params.check_qparams(q.shape, spec, scale, zero_point)
         scale = _to_scale_dtype(scale.detach(), scale_dtype or scale.dtype)
-        codes = q.detach().to(torch.int32)
+        codes = q.detach()   # checked and packed in its own dtype (an int32 copy would be 4 bytes per code)
         lo, hi = spec.number_format.code_range(spec)
         if q.numel() and (int(codes.min()) < lo or int(codes.max()) > hi):
             raise ValueError(f"q has codes outside [{lo}, {hi}] of {spec}")
@@ -102,7 +102,7 @@ class QTensor:
         zp = zero_point.detach().to(torch.int32).reshape(pshape)
         stored_zp = None if bool((zp == spec.symmetric_zero_point).all()) else zp.to(_code_dtype(spec))
         do_pack = pack and spec.bits <= 4
-        data = packing.pack(codes, spec.bits) if do_pack else codes.to(_code_dtype(spec))
+        data = packing.pack(codes, spec.bits) if do_pack else codes.to(_code_dtype(spec), copy=True)
         return cls(data, scale.reshape(pshape).clone(), stored_zp, spec, q.shape, do_pack)
 
     @classmethod

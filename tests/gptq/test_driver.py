@@ -170,6 +170,32 @@ def test_a_failed_run_restores_every_layer():
     assert not q[2].weight_quant.fixed and not q[0]._forward_pre_hooks
 
 
+def test_without_restore_copy_gives_the_same_codes_and_keeps_no_weight_copy(monkeypatch):
+    from lowbit.gptq.driver import without_restore_copy
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    x = [_correlated(64, 16, seed=7)]
+    ref = lb.quantize(m, weights=W4G.replace(granularity=lb.PerGroup(8)))
+    lb.gptq(ref, x, act_order=True)
+    q = lb.quantize(m, weights=W4G.replace(granularity=lb.PerGroup(8)))
+    clones = []
+    real_clone = torch.Tensor.clone
+    monkeypatch.setattr(torch.Tensor, "clone", lambda t, *a, **k: clones.append(t.shape) or real_clone(t, *a, **k))
+    with without_restore_copy():
+        lb.gptq(q, x, act_order=True)
+    monkeypatch.undo()
+    assert (16, 16) not in clones and (4, 16) not in clones   # no copy of a layer's weight
+    for a, b in ((ref[0], q[0]), (ref[2], q[2])):
+        assert torch.equal(a.weight, b.weight) and torch.equal(a.weight_quant.scale, b.weight_quant.scale)
+    # a failure inside the context still restores the grids (the caller drops the weights)
+    m2 = nn.Sequential(nn.Linear(16, 16), _Boom(at=2), nn.Linear(16, 4))
+    q2 = lb.quantize(m2, weights=W4)
+    with without_restore_copy(), pytest.raises(RuntimeError, match="boom"):
+        lb.gptq(q2, [_correlated(64, 16, seed=6)])
+    assert not q2[0].weight_quant.fixed and not q2[2].weight_quant.fixed
+
+
 def test_bad_input_is_refused_with_a_clear_message():
     m = nn.Sequential(nn.Linear(8, 4))
     q = lb.quantize(m, weights=W4)

@@ -106,3 +106,30 @@ def test_solve_puts_every_weight_on_the_returned_grid():
     w_q, scale, zero_point, lam = solve(w, x.T @ x, spec, block_size=20)
     assert scale.shape == (16, 3) and zero_point.dtype == torch.int32 and lam > 0
     assert torch.equal(ops.fake_quantize(w_q, spec, scale, zero_point), w_q)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_in_place_factor_is_the_plain_formula_bit_for_bit(act_order):
+    """The factor works in two float64 buffers (gather, in-place Cholesky and triangular solve); it
+    must give exactly ``J L^-1 J`` of the plain out-of-place formula, and leave the Hessian as it was."""
+    from lowbit.gptq.solver import _factor
+
+    d = 203   # not a multiple of anything
+    x = _correlated(300, d, seed=4, dead=(7,)).float()
+    h = x.T @ x
+    h0 = h.clone()
+    hd = h.double()
+    hd[7, 7] = 1.0
+    perm = torch.argsort(hd.diagonal(), descending=True, stable=True) if act_order else torch.arange(d)
+    hp = hd[perm][:, perm]
+    lam = 0.01 * float(hp.diagonal().mean())
+    eye = torch.eye(d, dtype=torch.float64)
+    chol = torch.linalg.cholesky(hp.flip(0, 1) + lam * eye)
+    expected = torch.linalg.solve_triangular(chol, eye, upper=False).flip(0, 1)
+    u, lam2 = _factor(h, 0.01, perm if act_order else None, torch.float64)
+    assert lam2 == lam and torch.equal(u, expected)
+    u32, _ = _factor(h, 0.01, perm if act_order else None, torch.float32)
+    assert torch.equal(u32, expected.float()) and torch.equal(h, h0)
+    w = torch.randn(5, d)
+    solve(w, h, lb.QuantSpec(bits=4, granularity=lb.PerGroup(32)), act_order=act_order)
+    assert torch.equal(h, h0)

@@ -146,8 +146,10 @@ def gptq_block(block: nn.Module, inputs: Inputs, *, damp: float = 0.01, block_si
     pending = dict(layers)
     was_training = block.training
     block.eval()
-    backup = {layer: (layer.weight.detach().clone(), layer.weight_quant.scale, layer.weight_quant.zero_point,
-                      layer.weight_quant.fixed) for layer in pending}
+    from .driver import _RESTORE_COPY
+    copy_ = _RESTORE_COPY.get()
+    backup = {layer: (layer.weight.detach().clone() if copy_ else None, layer.weight_quant.scale,
+                      layer.weight_quant.zero_point, layer.weight_quant.fixed) for layer in pending}
     enabled = {layer: layer.weight_quant.enabled for layer in pending}
     for layer in pending:   # the float master weights: exact for finished layers, unused for pending ones
         layer.weight_quant.enabled = False
@@ -165,7 +167,8 @@ def gptq_block(block: nn.Module, inputs: Inputs, *, damp: float = 0.01, block_si
         if not ok:
             with torch.no_grad():
                 for layer, (w, s, z, fixed) in backup.items():
-                    layer.weight.copy_(w)
+                    if w is not None:
+                        layer.weight.copy_(w)
                     layer.weight_quant.scale, layer.weight_quant.zero_point = s, z
                     layer.weight_quant.fixed = fixed
     return outs, report

@@ -16,6 +16,8 @@ pending layer; layers no batch reaches keep round to nearest and are listed as `
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import fnmatch
 import logging
 import time
@@ -37,6 +39,22 @@ from .solver import check_spec, solve
 __all__ = ["gptq"]
 
 log = logging.getLogger(__name__)
+
+
+_RESTORE_COPY = contextvars.ContextVar("lowbit_gptq_restore_copy", default=True)
+
+
+@contextlib.contextmanager
+def without_restore_copy():
+    """Inside this context ``lb.gptq`` keeps no copy of the float weights to restore if it fails
+    (the grids are still restored). For a caller that throws the model away on failure anyway:
+    streamed quantization (:mod:`lowbit.stream`) drops the unit and redoes it from the shards,
+    and the copy, a whole block's float weights, would sit beside GPTQ's largest Hessian."""
+    token = _RESTORE_COPY.set(False)
+    try:
+        yield
+    finally:
+        _RESTORE_COPY.reset(token)
 
 
 class _Stop(Exception):
@@ -126,9 +144,13 @@ def _quantize_layer(name: str, layer: QuantLayer, hess: Hessian, damp: float, bl
     hsum = hess.sum
     groups = hsum.shape[0]
     rows = w.shape[0]
-    # round to nearest on the layer's own grid, for the report
+    # round to nearest on the layer's own grid, for the report (its copy freed before the solve)
     s_rtn, z_rtn = wq_mod.qparams(layer.weight)
     w_rtn = ops.fake_quantize(w, spec.replace(rounding="nearest"), s_rtn, z_rtn)
+    dw = w - w_rtn
+    del w_rtn
+    rtn_error = output_error(dw, hsum, hess.n)
+    del dw
     # a per-tensor grid is one grid for all the GEMM groups of a grouped convolution
     grid = ops.choose_qparams(w, spec, wq_mod.observer, **wq_mod.observer_options) \
         if groups > 1 and isinstance(spec.granularity, PerTensor) else None
@@ -143,12 +165,13 @@ def _quantize_layer(name: str, layer: QuantLayer, hess: Hessian, damp: float, bl
                                wq_mod.observer_options, damp=damp, block_size=block_size, act_order=act_order,
                                grid=grid)
         outs.append(out), scales.append(s), zps.append(z), lams.append(lam)
-    w_q = torch.cat(outs)
+    w_q = outs[0] if groups == 1 else torch.cat(outs)
+    del outs
     if groups == 1 or scales[0].dim() == 0:
         scale, zero_point = scales[0], zps[0]
     else:
         scale, zero_point = torch.cat(scales), torch.cat(zps)
-    errors = {"rtn_error": output_error(w - w_rtn, hsum, hess.n), "gptq_error": output_error(w - w_q, hsum, hess.n),
+    errors = {"rtn_error": rtn_error, "gptq_error": output_error(w - w_q, hsum, hess.n),
               "output_power": output_error(w, hsum, hess.n)}
     with torch.no_grad():
         layer.weight.copy_(w_q.reshape(weight.shape).to(weight.dtype))
@@ -253,7 +276,8 @@ def gptq(q: nn.Module, batches: Iterable, *, damp: float = 0.01, block_size: int
         keep_grid: layers whose grid is already pinned (``weight_quant.fix_qparams``, e.g. by the
             ``gguf_grid`` transform) keep it; GPTQ then only chooses the codes.
 
-    Returns a :class:`GPTQReport`. If anything fails, every layer's weight and grid is restored.
+    Returns a :class:`GPTQReport`. If anything fails, every layer's weight and grid is restored
+    (the weights from a copy made up front; :func:`without_restore_copy` skips it).
     """
     if not isinstance(q, nn.Module):
         raise TypeError(f"q must be a torch.nn.Module from lb.quantize, got {type(q).__name__}")
@@ -271,8 +295,9 @@ def gptq(q: nn.Module, batches: Iterable, *, damp: float = 0.01, block_size: int
     pending = {layer: name for name, layer in selected}
     device = next((t.device for t in q.parameters()), torch.device("cpu"))
 
-    backup = {layer: (layer.weight.detach().clone(), layer.weight_quant.scale, layer.weight_quant.zero_point,
-                      layer.weight_quant.fixed) for layer in pending}
+    keep = _RESTORE_COPY.get()
+    backup = {layer: (layer.weight.detach().clone() if keep else None, layer.weight_quant.scale,
+                      layer.weight_quant.zero_point, layer.weight_quant.fixed) for layer in pending}
     report = GPTQReport()
     t_start = time.perf_counter()
     was_training = q.training
@@ -306,7 +331,8 @@ def gptq(q: nn.Module, batches: Iterable, *, damp: float = 0.01, block_size: int
         if not ok:
             with torch.no_grad():
                 for layer, (w, s, z, fixed) in backup.items():
-                    layer.weight.copy_(w)
+                    if w is not None:
+                        layer.weight.copy_(w)
                     layer.weight_quant.scale, layer.weight_quant.zero_point = s, z
                     layer.weight_quant.fixed = fixed
     if report.unreached:

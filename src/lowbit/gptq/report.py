@@ -15,13 +15,23 @@ import torch
 __all__ = ["LayerReport", "GPTQReport", "output_error"]
 
 
+_CHUNK = 1 << 23   # elements per row chunk of output_error's temporaries (32 MB of float32)
+
+
 def output_error(dw: torch.Tensor, hsum: torch.Tensor, n: int) -> float:
     """``tr(dW_g S_g dW_g^T) / n`` summed over GEMM groups; ``dw`` is ``[rows, d]``, ``hsum`` ``[groups, d, d]``."""
     if n == 0:
         return 0.0
     dtype = torch.float64 if torch.float64 in (dw.dtype, hsum.dtype) else torch.float32
-    chunks = dw.to(dtype).reshape(hsum.shape[0], -1, dw.shape[1])
-    return float(((chunks @ hsum.to(dtype)) * chunks).sum(dtype=torch.float64)) / n
+    groups, d = hsum.shape[0], dw.shape[1]
+    chunks = dw.reshape(groups, -1, d)
+    h = hsum.to(dtype)
+    step = max(1, _CHUNK // max(d, 1))   # rows at a time: a few temporaries of [step, d], not of [rows, d]
+    total = 0.0
+    for r in range(0, chunks.shape[1], step):
+        c = chunks[:, r:r + step].to(dtype)
+        total += float(((c @ h) * c).sum(dtype=torch.float64))
+    return total / n
 
 
 @dataclass(frozen=True)

@@ -70,18 +70,66 @@ def inverse_hessian_factor(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, 
     dead diagonal entries set. ``lambda = damp * mean(diag H)``, multiplied by 10 (up to 6 times)
     while ``H + lambda I`` is not numerically positive definite.
     """
-    h = h.to(torch.float64)
+    return _factor(h, damp, None, torch.float64, fix_dead=False)
+
+
+def _strided_mean(v: torch.Tensor) -> float:
+    """``mean(v)`` summed as torch sums a matrix diagonal (a strided view): ``lambda`` comes out
+    bit for bit as when it was taken from ``diag`` of the permuted matrix (a contiguous vector is
+    summed in another order), whatever buffer layout the factorization uses."""
+    tmp = torch.empty(v.shape[0], 2, dtype=torch.float64, device=v.device)
+    tmp[:, 0] = v
+    return float(tmp[:, 0].mean())
+
+
+def _factor(h: torch.Tensor, damp: float, perm: torch.Tensor | None, dtype: torch.dtype, *,
+            fix_dead: bool = True) -> tuple[torch.Tensor, float]:
+    """``U`` (in ``dtype``) and ``lambda`` of :func:`inverse_hessian_factor` for ``P H P^T`` (``perm``
+    the column order, None for the natural one), with dead diagonal entries (``<= 0``) set to 1.
+
+    Memory: two ``d x d`` float64 buffers besides ``h`` and the result (at ``d = 8640``, the
+    input of a 3B model's ``down_proj``, 600 MB each). The reversed, permuted, damped matrix is
+    gathered from ``h`` in column chunks straight into a column-major float64 buffer (LAPACK's
+    layout), factorized there in place (``cholesky_ex(out=)``); ``L^-1`` is solved in place of a
+    column-major identity (``solve_triangular(out=)``), checked finite and flipped into ``U`` in chunks. The
+    arithmetic (the same matrix, one ``potrf``, one ``trsm`` against the identity) is that of
+    ``cholesky_ex(J H J + lambda I)`` and ``solve_triangular(L, I)``, so ``U`` is bit for bit the same.
+    """
     d = h.shape[0]
-    mean_diag = float(h.diagonal().mean())
+    dev = h.device
+    order = (perm if perm is not None else torch.arange(d, device=dev)).flip(0)   # J P
+    step = max(1, (1 << 22) // max(d, 1))   # columns per gather chunk (16 MB of float32)
+
+    def fill(buf: torch.Tensor) -> None:   # buf = J P H P^T J, dead diagonal entries set to 1
+        for c in range(0, d, step):
+            buf[:, c:c + step] = h[order[:, None], order[None, c:c + step]]
+        if fix_dead:
+            dg = buf.diagonal()
+            dg[dg <= 0] = 1.0
+
+    buf = torch.empty(d, d, dtype=torch.float64, device=dev).T   # column-major
+    fill(buf)
+    mean_diag = _strided_mean(buf.diagonal().flip(0))   # diag of P H P^T, in its order
     lam = damp * mean_diag
-    eye = torch.eye(d, dtype=torch.float64, device=h.device)
-    rev = h.flip(0, 1)
-    for _ in range(7):
-        chol, info = torch.linalg.cholesky_ex(rev + lam * eye)
+    info = torch.empty((), dtype=torch.int32, device=dev)
+    for attempt in range(7):
+        if attempt:
+            fill(buf)   # the failed factorization overwrote it
+        buf.diagonal().add_(lam)
+        torch.linalg.cholesky_ex(buf, out=(buf, info))
         if int(info) == 0:
-            u = torch.linalg.solve_triangular(chol, eye, upper=False).flip(0, 1)
-            if bool(torch.isfinite(u).all()):
+            inv = torch.zeros(d, d, dtype=torch.float64, device=dev).T   # column-major identity
+            inv.diagonal().fill_(1.0)
+            torch.linalg.solve_triangular(buf, inv, upper=False, out=inv)
+            # finite, checked in column chunks (isfinite on the whole matrix makes float64 temporaries of it)
+            if all(bool(torch.isfinite(inv[:, c:c + step]).all()) for c in range(0, d, step)):
+                del buf
+                u = torch.empty(d, d, dtype=dtype, device=dev)
+                for r in range(0, d, step):   # U = J L^-1 J, row chunk by row chunk
+                    r2 = min(r + step, d)
+                    u[r:r2] = inv[d - r2:d - r].flip(0, 1)
                 return u, lam
+            del inv
         lam = max(lam * 10.0, 1e-6 * max(mean_diag, 1e-12))
         log.warning("gptq: Hessian not positive definite, retrying with damping %.3g", lam)
     raise ValueError("gptq: the input Hessian stays singular even with heavy damping; the calibration "
@@ -125,15 +173,15 @@ def solve(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, observer: str = "mi
     spec = spec.replace(rounding="nearest")
     rows, d = w.shape
     dtype = w.dtype
-    h = h.to(torch.float64).clone()
-    diag = h.diagonal()
-    dead = diag <= 0
-    h[dead, dead] = 1.0
-    perm = torch.argsort(h.diagonal(), descending=True, stable=True) if act_order else None
-    if perm is not None:
-        h = h[perm][:, perm]
-    u, lam = inverse_hessian_factor(h, damp)
-    u = u.to(dtype)
+    # ``h`` is left as it is (the caller reports errors with it); the factor works on its own copy
+    if act_order:
+        diag = h.diagonal().to(torch.float64, copy=True)
+        diag[diag <= 0] = 1.0   # dead inputs, as the factor sets them
+        perm = torch.argsort(diag, descending=True, stable=True)
+        del diag
+    else:
+        perm = None
+    u, lam = _factor(h, damp, perm, dtype)
 
     grouped = isinstance(spec.granularity, PerGroup)
     size = spec.granularity.size if grouped else d
@@ -157,8 +205,9 @@ def solve(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, observer: str = "mi
     zc = zero_point.to(dtype).reshape(rows, -1).T.contiguous() if zero_point.dim() else \
         zero_point.to(dtype).expand(1, rows)
 
-    # transposed layout: column j of W is the contiguous row j of work
-    work = (w[:, perm] if perm is not None else w).T.contiguous()
+    # transposed layout: column j of W is the contiguous row j of work; out is in the natural
+    # order (out[j] is column j of the result), so no permuted copy is made at the end
+    work = (w.T[perm] if perm is not None else w.T).contiguous()
     out = torch.empty_like(work)
     ut = u.T.contiguous()  # ut[i2:, i1:i2] = U[i1:i2, i2:]^T
     diag = u.diagonal().tolist()
@@ -183,11 +232,9 @@ def solve(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, observer: str = "mi
             x = torch.addmv(work[col], err1[:i].T, u[i1:col, col], alpha=-1.0) if i else work[col]
             # the arithmetic of ops.fake_quantize, so that the result is exactly on the grid
             xq = quant(x, s, z)
-            out[col] = xq
+            out[j] = xq
             torch.sub(x, xq, out=err1[i]).div_(diag[col])
         if i2 < d:
             work[i2:].addmm_(ut[i2:, i1:i2], err1, alpha=-1.0)
-    out = out.T
-    if perm is not None:
-        out = out[:, torch.argsort(perm)]
-    return out, scale, zero_point, lam
+    del work, ut, u
+    return out.T, scale, zero_point, lam

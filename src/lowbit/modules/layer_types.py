@@ -117,8 +117,11 @@ def check_finite_weight(name: str, module: nn.Module) -> None:
     an infinite range makes every other weight of its row round to zero)."""
     w = getattr(module, "weight", None)
     if isinstance(w, torch.Tensor) and w.is_floating_point() and w.device.type != "meta":   # meta: no values yet
-        with torch.no_grad():
-            bad = int((~torch.isfinite(w)).sum())
+        with torch.no_grad():   # in slices of rows: isfinite on a whole table makes float copies of it
+            w = w.detach()
+            rows = max(1, (1 << 22) // max(1, w[0].numel())) if w.dim() else 1
+            parts = w.split(rows) if w.dim() else (w,)
+            bad = sum(int((~torch.isfinite(part)).sum()) for part in parts)
         if bad:
             raise ValueError(f"module {name!r}: its weight holds {bad} NaN/Inf values, which no integer grid represents; "
                              f"repair the weights (torch.nan_to_num) or keep the layer float with exclude=[{name!r}]")

@@ -28,6 +28,7 @@ from torch import nn
 
 from ..batches import call
 from ..gptq import gptq
+from ..gptq.driver import without_restore_copy
 from ..modules import QuantEmbedding, QuantLayer, is_linear_like
 from ..quantize import calibrate, freeze, quantize
 from ..recipes import Recipe
@@ -163,7 +164,8 @@ def process(shell: nn.Module, steps: list[Step], recipe: Recipe, inputs: dict, s
                 out[step.stream] = res
         elif step.kind == "gptq":
             if any(isinstance(m, QuantLayer) and m.weight_quant.enabled for m in shell.modules()):
-                shell = step.fn(shell, batches, **step.options)
+                with without_restore_copy():   # on failure the unit is dropped and redone from the shards
+                    shell = step.fn(shell, batches, **step.options)
             if outputs:
                 out[step.stream] = _run_on_grid(shell, batches, lambda y, s=step.stream: sink(s, y))
         else:   # a transform without data (the GGUF grid)
