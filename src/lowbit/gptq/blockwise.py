@@ -137,7 +137,7 @@ def gptq_block(block: nn.Module, inputs: Inputs, *, damp: float = 0.01, block_si
     Returns ``(outputs or None, report)``; layers no input reaches are listed in
     ``report.unreached`` and keep round to nearest. On failure the block's layers are restored.
     """
-    from .driver import _check_args, _run_groups   # the group loop is the driver's
+    from .driver import _check_args, _run_groups, backup_layers, restore_layers   # the driver's
     _check_args(damp, block_size, act_order, True)
     if layers is None:
         layers = {m: n for n, m in block.named_modules()
@@ -146,10 +146,7 @@ def gptq_block(block: nn.Module, inputs: Inputs, *, damp: float = 0.01, block_si
     pending = dict(layers)
     was_training = block.training
     block.eval()
-    from .driver import _RESTORE_COPY
-    copy_ = _RESTORE_COPY.get()
-    backup = {layer: (layer.weight.detach().clone() if copy_ else None, layer.weight_quant.scale,
-                      layer.weight_quant.zero_point, layer.weight_quant.fixed) for layer in pending}
+    backup = backup_layers(pending)
     enabled = {layer: layer.weight_quant.enabled for layer in pending}
     for layer in pending:   # the float master weights: exact for finished layers, unused for pending ones
         layer.weight_quant.enabled = False
@@ -165,12 +162,7 @@ def gptq_block(block: nn.Module, inputs: Inputs, *, damp: float = 0.01, block_si
         for layer, flag in enabled.items():
             layer.weight_quant.enabled = flag
         if not ok:
-            with torch.no_grad():
-                for layer, (w, s, z, fixed) in backup.items():
-                    if w is not None:
-                        layer.weight.copy_(w)
-                    layer.weight_quant.scale, layer.weight_quant.zero_point = s, z
-                    layer.weight_quant.fixed = fixed
+            restore_layers(backup)
     return outs, report
 
 

@@ -248,6 +248,24 @@ def _blockwise(q: nn.Module, blocks: list, batches, pending: dict, device, repor
             pending.pop(layer)
 
 
+def backup_layers(layers) -> dict:
+    """What :func:`restore_layers` needs to undo GPTQ on ``layers`` after a failure: each layer's
+    grid, and its float weight unless :func:`without_restore_copy` is in effect."""
+    keep = _RESTORE_COPY.get()
+    return {layer: (layer.weight.detach().clone() if keep else None, layer.weight_quant.scale,
+                    layer.weight_quant.zero_point, layer.weight_quant.fixed) for layer in layers}
+
+
+def restore_layers(backup: dict) -> None:
+    """Put back the weights (where copied) and grids saved by :func:`backup_layers`."""
+    with torch.no_grad():
+        for layer, (w, s, z, fixed) in backup.items():
+            if w is not None:
+                layer.weight.copy_(w)
+            layer.weight_quant.scale, layer.weight_quant.zero_point = s, z
+            layer.weight_quant.fixed = fixed
+
+
 @torch.inference_mode(False)   # what it builds stays ordinary tensors when called inside inference_mode
 def gptq(q: nn.Module, batches: Iterable, *, damp: float = 0.01, block_size: int = 128, act_order: bool = False,
          replay: bool = True, keep_grid: bool = False, include: Sequence[str] | str | None = None, exclude: Sequence[str] | str | None = None) -> GPTQReport:
@@ -295,9 +313,7 @@ def gptq(q: nn.Module, batches: Iterable, *, damp: float = 0.01, block_size: int
     pending = {layer: name for name, layer in selected}
     device = next((t.device for t in q.parameters()), torch.device("cpu"))
 
-    keep = _RESTORE_COPY.get()
-    backup = {layer: (layer.weight.detach().clone() if keep else None, layer.weight_quant.scale,
-                      layer.weight_quant.zero_point, layer.weight_quant.fixed) for layer in pending}
+    backup = backup_layers(pending)
     report = GPTQReport()
     t_start = time.perf_counter()
     was_training = q.training
@@ -329,12 +345,7 @@ def gptq(q: nn.Module, batches: Iterable, *, damp: float = 0.01, block_size: int
             layer.weight_quant.enabled = True
         q.train(was_training)
         if not ok:
-            with torch.no_grad():
-                for layer, (w, s, z, fixed) in backup.items():
-                    if w is not None:
-                        layer.weight.copy_(w)
-                    layer.weight_quant.scale, layer.weight_quant.zero_point = s, z
-                    layer.weight_quant.fixed = fixed
+            restore_layers(backup)
     if report.unreached:
         log.warning("gptq: %d layers were not reached by the calibration batches and keep round to nearest: %s",
                     len(report.unreached), report.unreached)
