@@ -52,8 +52,8 @@ def _tiny_bert_batches():
     import torch
 
     g = torch.Generator().manual_seed(3)
-    return [{"input_ids": torch.randint(0, 100, (8, 12), generator=g), "attention_mask": torch.ones(8, 12, dtype=torch.long)}
-            for _ in range(6)]
+    return [{"input_ids": torch.randint(0, 100, (8, 12), generator=g),
+             "attention_mask": torch.ones(8, 12, dtype=torch.long)} for _ in range(6)]
 
 
 def test_w4_nf4_mixed_stays_within_4_5_bits_and_beats_uniform_nf4():
@@ -79,8 +79,8 @@ def test_w4_nf4_mixed_stays_within_4_5_bits_and_beats_uniform_nf4():
     calib, test = batches[:4], batches[4:]
     rec = recipes.get("w4-nf4-mixed")
     assert rec.weights.format == "nf4_dq" and rec.embeddings is not None
-    uniform = recipes.Recipe("u", "nf4_dq g32 everywhere, GPTQ", rec.weights, transforms=(("gptq", {"act_order": True}),),
-                              embeddings=rec.embeddings)
+    uniform = recipes.Recipe("u", "nf4_dq g32 everywhere, GPTQ", rec.weights,
+                             transforms=(("gptq", {"act_order": True}),), embeddings=rec.embeddings)
     q_mixed = rec.apply(model, calib, freeze=False)
     alloc = q_mixed.lowbit_mixed
     assert alloc.bits_per_weight <= 4.5 and model_bits_per_weight(q_mixed) <= 4.5
