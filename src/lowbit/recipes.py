@@ -189,7 +189,7 @@ for _r in (
                        ("gptq", {"act_order": True})), embeddings=_E8),
     # NF4 with QLoRA's double-quantized scales costs 4.26 stored bits per weight at blocks of 32, so a
     # 4.5 budget buys int8 for ~6% of the weights; measured on MiniLM (docs/formats-table.md):
-    # 0.9959 held-in / 0.9890 out-of-domain cosine at 4.47 bits/weight (w4-mixed: 0.9942 / 0.9837)
+    # 0.9956 held-in / 0.9881 out-of-domain cosine at 4.47 bits/weight (w4-mixed: 0.9942 / 0.9837)
     Recipe("w4-nf4-mixed", "each Linear gets NF4 in blocks of 32 with double-quantized scales (4.26 bits/weight) "
            "or int8 per channel, chosen by per-layer sensitivity within 4.5 stored bits per weight (scales "
            "counted), then GPTQ with act_order; int8 embeddings", _NF4DQ32,
