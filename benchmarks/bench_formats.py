@@ -19,8 +19,11 @@ block scales of MX/NVFP4, one-byte zero points; :func:`lowbit.analysis.mixed_spe
   on out-of-domain prose (:func:`lowbit.zoo.prose_sentences`: narrative, news, everyday English the
   calibration never saw). Embedding tables stay float in the format rows.
 * MiniLM extra rows: the ``w4-mixed`` recipe (AWQ, a weight spec per layer from lowbit's
-  sensitivity analysis within 4.5 stored bits per weight, GPTQ; int8 embeddings), and FP8 E4M3
-  W8A8 (per-channel weights, per-tensor static activations calibrated with min/max).
+  sensitivity analysis within 4.5 stored bits per weight, GPTQ; int8 embeddings), the
+  ``w4-nf4-mixed`` recipe (NF4 g32 with double-quantized scales or int8 per channel per layer within
+  4.5 bits, GPTQ; int8 embeddings), and FP8 E4M3 W8A8 (per-channel weights, per-tensor static
+  activations calibrated with min/max). Embedding tables are not counted in ``bits/weight``
+  (the Linear layers only; the recipes store them as int8, the format rows keep them float).
 
 Peers: the float model is the reference (ratios are cosines and accuracy deltas against it).
 The machine is shared; the quantization seconds are wall time under that load.
@@ -103,8 +106,8 @@ def minilm_rows(args, specs) -> dict:
             rows.append(measure(label, alg, _minilm_recipe(label, spec, alg)))
     extra = []
     if args.mixed:
-        rec = recipes.get("w4-mixed")
-        extra.append(measure("w4-mixed (recipe)", "awq+mixed+gptq", rec))
+        extra.append(measure("w4-mixed (recipe)", "awq+mixed+gptq", recipes.get("w4-mixed")))
+        extra.append(measure("w4-nf4-mixed (recipe)", "mixed+gptq", recipes.get("w4-nf4-mixed")))
     try:
         fp8 = QuantSpec(format="fp8_e4m3")
     except (TypeError, ValueError) as e:
@@ -153,7 +156,7 @@ def main() -> None:
     ap.add_argument("--ood", type=int, default=None, help="out-of-domain sentences (default: all)")
     ap.add_argument("--calibration", type=int, default=512, help="MiniLM calibration sentences")
     ap.add_argument("--calibration-batches", type=int, default=8, help="CNN calibration batches of 64")
-    ap.add_argument("--no-mixed", dest="mixed", action="store_false", help="skip the w4-mixed recipe row")
+    ap.add_argument("--no-mixed", dest="mixed", action="store_false", help="skip the w4-mixed / w4-nf4-mixed rows")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()

@@ -166,6 +166,7 @@ _A8_TOKEN = QuantSpec(bits=8, symmetric=False, dynamic=True, granularity=PerToke
 _W4G128_ASYM = QuantSpec(bits=4, symmetric=False, granularity=PerGroup(128))
 # int8 embedding tables, one scale per row: MiniLM's cosine moves by 1e-4 and the model shrinks by 35 MB
 _E8 = QuantSpec(bits=8, granularity=PerChannel(0))
+_NF4DQ32 = QuantSpec(format="nf4_dq", granularity=PerGroup(32))
 
 for _r in (
     Recipe("w8a8-smooth", "W8A8 (per-tensor static activations) after SmoothQuant (alpha 0.85); int8 embeddings",
@@ -185,6 +186,14 @@ for _r in (
            "embeddings", _W4G128_ASYM,
            transforms=(("awq", {"weights": _W4G128_ASYM}),
                        ("mixed_precision", {"candidates": [_W4G128_ASYM, _W8], "budget": 4.5}),
+                       ("gptq", {"act_order": True})), embeddings=_E8),
+    # NF4 with QLoRA's double-quantized scales costs 4.26 stored bits per weight at blocks of 32, so a
+    # 4.5 budget buys int8 for ~6% of the weights; measured on MiniLM (docs/formats-table.md):
+    # 0.9956 held-in / 0.9881 out-of-domain cosine at 4.47 bits/weight (w4-mixed: 0.9942 / 0.9837)
+    Recipe("w4-nf4-mixed", "each Linear gets NF4 in blocks of 32 with double-quantized scales (4.26 bits/weight) "
+           "or int8 per channel, chosen by per-layer sensitivity within 4.5 stored bits per weight (scales "
+           "counted), then GPTQ with act_order; int8 embeddings", _NF4DQ32,
+           transforms=(("mixed_precision", {"candidates": [_NF4DQ32, _W8], "budget": 4.5}),
                        ("gptq", {"act_order": True})), embeddings=_E8),
 ):
     register(_r)
