@@ -1,7 +1,19 @@
-"""Tiny random-init Hugging Face models and offline tokenizers for the GGUF / compressed-tensors tests."""
+"""Tiny random-init models (Hugging Face ones built from configs) and offline tokenizers for the tests."""
 from __future__ import annotations
 
 import torch
+from torch import nn
+
+
+class ResidualMLPBlock(nn.Module):
+    """A residual MLP block that returns a tuple, as older Hugging Face decoder layers do (GPTQ tests)."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.a, self.b = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+
+    def forward(self, x, scale=1.0):
+        return x + scale * self.b(torch.relu(self.a(x))), x.mean()
 
 
 def bpe_tokenizer(vocab_size: int = 300):

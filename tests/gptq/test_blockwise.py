@@ -12,18 +12,9 @@ from lowbit.gptq.blockwise import capture_inputs, gptq_block, next_inputs
 from lowbit.quantize import quant_layers
 
 pytest.importorskip("transformers")
-from _tiny_models import tiny_llama  # noqa: E402
+from _tiny_models import ResidualMLPBlock, tiny_llama  # noqa: E402
 
 W4G = lb.QuantSpec(bits=4, symmetric=False, granularity=lb.PerGroup(16))
-
-
-class Block(nn.Module):
-    def __init__(self, d):
-        super().__init__()
-        self.a, self.b = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
-
-    def forward(self, x, scale=1.0):
-        return x + scale * self.b(torch.relu(self.a(x))), x.mean()     # a tuple, like older HF layers
 
 
 class Chain(nn.Module):
@@ -31,7 +22,7 @@ class Chain(nn.Module):
         super().__init__()
         torch.manual_seed(seed)
         self.inp = nn.Linear(d, d)
-        self.blocks = nn.ModuleList(Block(d) for _ in range(n))
+        self.blocks = nn.ModuleList(ResidualMLPBlock(d) for _ in range(n))
         self.head = nn.Linear(d, 5)
 
     def forward(self, x):

@@ -4,17 +4,9 @@ from torch import nn
 
 import lowbit as lb
 from lowbit.gptq.cache import find_blocks
+from _tiny_models import ResidualMLPBlock
 
 W4G = lb.QuantSpec(bits=4, symmetric=False, granularity=lb.PerGroup(16))
-
-
-class Block(nn.Module):
-    def __init__(self, d):
-        super().__init__()
-        self.a, self.b = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
-
-    def forward(self, x, scale=1.0):
-        return x + scale * self.b(torch.relu(self.a(x))), x.mean()     # a tuple, like HF layers
 
 
 class Tower(nn.Module):
@@ -25,7 +17,7 @@ class Tower(nn.Module):
         super().__init__()
         torch.manual_seed(seed)
         self.inp = nn.Linear(d, d)
-        self.blocks = nn.ModuleList(Block(d) for _ in range(n))
+        self.blocks = nn.ModuleList(ResidualMLPBlock(d) for _ in range(n))
         self.head = nn.Linear(d, 4)
 
     def forward(self, x):
