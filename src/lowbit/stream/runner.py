@@ -119,10 +119,14 @@ def _check_budget(budget, model, arch, streams: int, batches: list[torch.Tensor]
     widest = max((m.in_features for m in model.modules() if isinstance(m, torch.nn.Linear)), default=0)
     item = torch.empty(0, dtype=dtype).element_size()
     one_batch = max((b.numel() for b in batches), default=0) * hidden * item
-    need = 3 * unit + 3 * widest * widest * 4 + 2 * max(streams, 1) * one_batch
+    # measured at 3B width (docs/streaming.md): the unit's float weights and what freeze builds from
+    # them (~2x), GPTQ's float32 Hessian sum (4 bytes per d^2) and its two float64 factor buffers
+    # (16), two activation streams in flight
+    need = 2 * unit + 20 * widest * widest + 2 * max(streams, 1) * one_batch
     if budget < need:
         raise ValueError(f"memory_budget={budget:.3g} bytes is too small for one block of this model: a unit needs "
-                         f"about {need / 2**30:.2f} GiB (float weights, their quantized copy, GPTQ statistics, one "
+                         f"about {need / 2**30:.2f} GiB (float weights, their quantized copy, GPTQ's Hessian and "
+                         "its factor, one "
                          f"batch of activations); pass memory_budget >= {need:.3g} or None")
     total = 2 * streams * sum(b.numel() for b in batches) * hidden * item
     return need + total > budget
