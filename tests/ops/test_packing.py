@@ -41,3 +41,14 @@ def test_multidimensional_codes_pack_in_row_major_order():
 def test_wide_codes_are_refused():
     with pytest.raises(ValueError, match="bits"):
         packing.pack(torch.zeros(4, dtype=torch.int8), 8)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("signed", [True, False])
+def test_unpack_reads_every_byte_as_onnx_runtime_does(bits, signed):
+    packed = torch.arange(256, dtype=torch.uint8).repeat(2)       # every byte value, twice
+    n = packed.numel() * (8 // bits) - 1                            # the last field is padding
+    expected = ort_ref.decode_packed(packed, bits, signed, n)
+    for dtype in (torch.int8, torch.int32, torch.float32):
+        out = packing.unpack(packed, bits, n, signed, dtype)
+        assert out.dtype == dtype and torch.equal(out.to(torch.int64), expected)

@@ -55,11 +55,14 @@ def pack(q: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack(packed: torch.Tensor, bits: int, numel: int, signed: bool, dtype: torch.dtype) -> torch.Tensor:
-    """Inverse of :func:`pack`: the first ``numel`` codes as a flat tensor of ``dtype``."""
+    """Inverse of :func:`pack`: the first ``numel`` codes as a flat tensor of ``dtype``.
+
+    Works in bytes, as :func:`pack` does: each field shifted down and masked in uint8; signed codes
+    are sign-extended by shifting the field to the top of an int8 and back (arithmetic shift).
+    """
     k = container_bits(bits)
-    shifts = torch.arange(0, 8, k, device=packed.device, dtype=torch.int32)
-    codes = (packed.to(torch.int32).unsqueeze(1) >> shifts) & ((1 << k) - 1)
-    codes = codes.reshape(-1)[:numel]
+    shifts = torch.arange(0, 8, k, device=packed.device, dtype=torch.uint8)
+    codes = ((packed.to(torch.uint8).unsqueeze(1) >> shifts) & ((1 << k) - 1)).reshape(-1)[:numel]
     if signed:
-        codes = torch.where(codes >= (1 << (k - 1)), codes - (1 << k), codes)
+        codes = (codes << (8 - k)).view(torch.int8) >> (8 - k)
     return codes.to(dtype)
