@@ -168,13 +168,18 @@ class QuantLinear(QuantLayer):
         float weight never exists whole: a large layer costs a tile of float memory, not 4 bytes
         per weight); None where the grid does not split by rows."""
         rows = max(64, self.dequantize_tile // self.in_features // 64 * 64)
-        parts = []
+        # the output is allocated before the tiles' temporaries: results kept between them would
+        # fragment the heap, and the allocator would keep ~the float weight's size resident
+        y = None
         for r in range(0, self.out_features, rows):
             w = self._weight_rows(r, min(r + rows, self.out_features))
             if w is None:
                 return None
-            parts.append(F.linear(x, w))
-        y = torch.cat(parts, dim=-1)
+            part = F.linear(x, w)
+            if y is None:
+                y = part.new_empty(*part.shape[:-1], self.out_features)
+            y[..., r:r + part.shape[-1]] = part
+            del w, part
         return y if self.bias is None else y + self.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
