@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import nn
 
+from ..checkpoint.atomic import atomic_write
 from .anatomy import LayerAnatomy, error_anatomy
 from .batches import as_batch_list
 from .certify import certify
@@ -175,19 +175,9 @@ def _clean(v: Any) -> Any:
 
 
 def _atomic_write(path: Path, text: str) -> None:
+    """The report's file, atomically (:func:`lowbit.checkpoint.atomic.atomic_write`); the folder is created."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)   # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, text.encode("utf-8"))
 
 
 def _labels(labels: Any) -> torch.Tensor | None:
